@@ -1,0 +1,2 @@
+"""nanoforge: from raw text to your own small language model."""
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from nanoforge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Corpus handling: reading documents, downloading shards, importing text, token shards and the loader."""
