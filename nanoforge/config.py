@@ -1,0 +1,276 @@
+"""Run configuration: typed sections (model, train, data, tokenizer, eval), TOML presets in
+nanoforge/presets/, `--set section.key=value` overrides, validation with one-line errors.
+
+    cfg = load_config(preset="cpu-demo", overrides=["train.max_steps=50", "model.depth=4"])
+    cfg.model_config()      # -> nanoforge.model.ModelConfig
+    cfg.to_toml()           # the resolved config, written next to every run
+
+`model.depth = N` is nanochat's dial: it sets width 64·N, N layers, heads width/128 (explicit
+`--set model.d_model=...` etc. still win). `train.max_steps = 0` derives the steps from
+`train.token_ratio` × parameters (Chinchilla's 20 tokens per parameter for the d* presets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanoforge.errors import UserError
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+@dataclass
+class ModelSection:
+    depth: int = 0  # > 0: derive d_model, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim from it
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int = 64
+    ffn_dim: int = 768
+    vocab_size: int = 4096
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    pad_vocab_to: int = 0
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 100           # 0: derive from token_ratio × parameters / total_batch_tokens
+    token_ratio: float = 20.0      # tokens per parameter when max_steps = 0
+    total_batch_tokens: int = 8192  # tokens per optimizer step, across all ranks and micro-steps
+    device_batch_size: int = 8
+    seq_len: int = 256
+    optimizer: str = "adamw"       # adamw | muon
+    lr: float = 3e-3               # AdamW lr (embeddings, head, norms under muon)
+    min_lr_frac: float = 0.0       # the schedule ends at lr × min_lr_frac
+    embedding_lr: float = 0.0      # 0: same as lr (the token embedding's AdamW lr)
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0         # 0 disables
+    schedule: str = "cosine"       # cosine | linear | wsd | constant
+    warmup_steps: int = 10
+    cooldown_frac: float = 0.2     # wsd: the last fraction of steps decays linearly
+    eval_every: int = 50           # 0 disables; the last step is always evaluated
+    eval_batches: int = 20         # 0 = the whole validation split
+    save_every: int = 0            # 0: only at the end (and on interrupt)
+    sample_every: int = 0          # 0 disables
+    log_every: int = 1
+    keep_last: int = 2             # checkpoints kept besides the best
+    seed: int = 1337
+    device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"            # auto (bf16 autocast on CUDA, else float32) | float32 | bfloat16
+    compile: str = "auto"          # auto (on CUDA) | true | false
+    parallel: str = "ddp"          # ddp | fsdp (under torchrun)
+    tensorboard: bool = False
+    wandb: str = ""                # a wandb project name enables it
+
+
+@dataclass
+class DataSection:
+    layout: str = "packed"         # packed | bos_aligned | unpacked
+    val_docs: int = 200
+
+
+@dataclass
+class TokenizerSection:
+    backend: str = "rustbpe"
+    vocab_size: int = 4096
+    max_chars: int = 0             # 0 = all
+    doc_cap: int = 0               # 0 = no cap
+
+
+@dataclass
+class EvalSection:
+    tasks: list[str] = field(default_factory=list)
+    limit: int = 0
+    prompts: list[str] = field(default_factory=lambda: ["The capital of France is", "Once upon a time"])
+    max_new_tokens: int = 32
+
+
+SECTIONS: dict[str, type] = {"model": ModelSection, "train": TrainSection, "data": DataSection,
+                             "tokenizer": TokenizerSection, "eval": EvalSection}
+CHOICES = {("train", "optimizer"): ("adamw", "muon"),
+           ("train", "schedule"): ("cosine", "linear", "wsd", "constant"),
+           ("train", "dtype"): ("auto", "float32", "bfloat16"),
+           ("train", "compile"): ("auto", "true", "false"),
+           ("train", "parallel"): ("ddp", "fsdp"),
+           ("data", "layout"): ("packed", "bos_aligned", "unpacked"),
+           ("tokenizer", "backend"): ("rustbpe", "neox", "python")}
+_DEPTH_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataSection = field(default_factory=DataSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    preset: str = ""
+
+    def model_config(self) -> Any:
+        from nanoforge.model import ModelConfig
+
+        d = dataclasses.asdict(self.model)
+        d.pop("depth")
+        return ModelConfig(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        d["preset"] = self.preset
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """Rebuild a resolved config (from a checkpoint's meta or a config.toml); validated."""
+        d = dict(d)
+        preset = d.pop("preset", "")
+        cfg = cls(preset=preset)
+        for section, values in d.items():
+            if section not in SECTIONS:
+                raise UserError(f"unknown config section '{section}'; valid sections: {', '.join(SECTIONS)}")
+            for key, value in (values or {}).items():
+                _set(cfg, section, key, value)
+        validate(cfg)
+        return cfg
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def load_config(preset: str | None = None, path: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults ← preset TOML ← config file TOML ← `section.key=value` overrides; validated.
+    Raises UserError for an unknown preset, section or key (naming the valid ones) and bad values."""
+    cfg = RunConfig(preset=preset or "")
+    layers: list[tuple[dict[str, Any], str]] = []
+    if preset:
+        file = PRESETS_DIR / f"{preset}.toml"
+        if not file.is_file():
+            raise UserError(f"unknown preset '{preset}'; available presets: {', '.join(list_presets())}")
+        layers.append((_read_toml(file), f"preset {preset}"))
+    if path:
+        layers.append((_read_toml(Path(path)), f"config {path}"))
+    explicit: set[tuple[str, str]] = set()
+    for data, where in layers:
+        for section, values in data.items():
+            if section == "preset":
+                continue
+            if section not in SECTIONS or not isinstance(values, dict):
+                raise UserError(f"{where}: unknown section '{section}'; valid sections: {', '.join(SECTIONS)}")
+            for key, value in values.items():
+                _set(cfg, section, key, value, where)
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        _set(cfg, section, key, value, f"--set {item}")
+        explicit.add((section, key))
+    if cfg.model.depth > 0:
+        from nanoforge.model.config import depth_config
+
+        for key, value in depth_config(cfg.model.depth).items():
+            if ("model", key) not in explicit:
+                setattr(cfg.model, key, value)
+    cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.train.seq_len)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    for (section, key), choices in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise UserError(f"{section}.{key} must be one of {', '.join(choices)}, got '{value}'")
+    t = cfg.train
+    for key in ("total_batch_tokens", "device_batch_size", "seq_len"):
+        if getattr(t, key) <= 0:
+            raise UserError(f"train.{key} must be positive, got {getattr(t, key)}")
+    if t.max_steps < 0:
+        raise UserError(f"train.max_steps must be >= 0 (0 = derive from train.token_ratio), got {t.max_steps}")
+    if t.lr <= 0:
+        raise UserError(f"train.lr must be positive, got {t.lr}")
+    if t.warmup_steps < 0:
+        raise UserError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    cfg.model_config()  # ModelConfig validates the shape
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise UserError(f"--set expects section.key=value (e.g. train.lr=1e-3), got '{item}'")
+    name, raw = item.split("=", 1)
+    section, key = name.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string such as train.optimizer=muon
+    return section, key, value
+
+
+def _set(cfg: RunConfig, section: str, key: str, value: Any, where: str = "config") -> None:
+    if section not in SECTIONS:
+        raise UserError(f"{where}: unknown section '{section}'; valid sections: {', '.join(SECTIONS)}")
+    obj = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if key not in fields:
+        raise UserError(f"{where}: unknown key '{section}.{key}'; valid keys: "
+                        f"{', '.join(f'{section}.{k}' for k in fields)}")
+    default = getattr(type(obj)(), key)
+    setattr(obj, key, _coerce(value, default, f"{section}.{key}", where))
+
+
+def _coerce(value: Any, default: Any, name: str, where: str) -> Any:
+    bad = UserError(f"{where}: {name} expects {type(default).__name__}, got {value!r}")
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise bad
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise bad
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if isinstance(default, list):
+        if isinstance(value, str):
+            return [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise bad
+        return [str(v) for v in value]
+    if isinstance(value, bool):  # compile = true in TOML
+        return "true" if value else "false"
+    if not isinstance(value, (str, int, float)):
+        raise bad
+    return str(value)

@@ -1,0 +1,1 @@
+"""Evaluation: bits per byte, multiple-choice and generative tasks, lm-eval adapter, tables."""

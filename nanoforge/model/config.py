@@ -1,0 +1,101 @@
+"""ModelConfig: the shape of a LLaMA-style decoder, its parameter count and training FLOPs per token.
+
+    ModelConfig.from_preset("nano-125m").num_params()  # 176,179,968
+
+The depth dial (`depth_config`) follows nanochat: width = 64·depth, heads = width/128.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from nanoforge.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int = 64
+    ffn_dim: int = 768
+    vocab_size: int = 4096
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    pad_vocab_to: int = 0  # 0 = no padding; 64 pads the embedding rows to a multiple of 64 (faster matmuls)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size",
+                     "max_seq_len"):
+            if int(getattr(self, name)) <= 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
+                            f"({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise UserError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.pad_vocab_to < 0:
+            raise UserError(f"model.pad_vocab_to must be >= 0, got {self.pad_vocab_to}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output matrices: vocab_size rounded up to pad_vocab_to (if set)."""
+        m = self.pad_vocab_to
+        return self.vocab_size if m <= 0 else -(-self.vocab_size // m) * m
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UserError(f"unknown model config keys {unknown}; valid keys: {', '.join(sorted(names))}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, overrides: list[str] | None = None) -> ModelConfig:
+        """The model of a preset (nanoforge/presets/<name>.toml), with `model.key=value` overrides."""
+        from nanoforge.config import load_config
+
+        return load_config(preset=name, overrides=overrides or []).model_config()
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameter count; embeddings=False leaves out the token embedding and the output head."""
+        d, hd = self.d_model, self.head_dim
+        attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
+        ffn = 3 * d * self.ffn_dim
+        block = attn + ffn + 2 * d
+        total = self.n_layers * block + d  # + final norm
+        if embeddings:
+            emb = self.padded_vocab_size * d
+            total += emb if self.tie_embeddings else 2 * emb
+        return total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 × matmul parameters + 12·L·H·h·T for attention (nanochat/torchtitan).
+        Matmul parameters are all weights except norms and the input embedding (a lookup, not a matmul);
+        the output head counts whether tied or not."""
+        d = self.d_model
+        matmul = self.num_params(embeddings=False) - (2 * self.n_layers + 1) * d + self.padded_vocab_size * d
+        return 6 * matmul + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+
+
+def depth_config(depth: int) -> dict[str, int]:
+    """nanochat's dial: width 64·depth, head dim 128 (heads = width/128), SwiGLU hidden ≈ 8/3·width
+    rounded up to 64 (the same parameters as nanochat's 4× ReLU² MLP)."""
+    if depth <= 0:
+        raise UserError(f"model.depth must be positive, got {depth}")
+    width = 64 * depth
+    heads = max(1, width // 128)
+    return {"d_model": width, "n_layers": depth, "n_heads": heads, "n_kv_heads": heads,
+            "head_dim": width // heads, "ffn_dim": -(-(8 * width // 3) // 64) * 64}

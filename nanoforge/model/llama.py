@@ -1,0 +1,222 @@
+"""The LLaMA-style decoder: RMSNorm, rotary embeddings (rotate-half, as Hugging Face Llama), SwiGLU,
+grouped-query attention through F.scaled_dot_product_attention, no biases, optional tied embeddings.
+
+Parameter names map one-to-one onto Hugging Face `LlamaForCausalLM` (see nanoforge/export/hf.py):
+tok_embeddings ↔ model.embed_tokens, layers.i.attention.wq ↔ model.layers.i.self_attn.q_proj, ...,
+feed_forward.w1/w3/w2 ↔ mlp.gate_proj/up_proj/down_proj, norm ↔ model.norm, output ↔ lm_head.
+
+    model = LLaMA(ModelConfig.from_preset("cpu-demo"))
+    loss = model(inputs, targets)           # mean over scored positions
+    logits = model(inputs)                  # [B, T, V] float32
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoforge.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """weight × x / rms(x); the mean of squares is reduced in float32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Like HF Llama: normalise in fp32, cast back, then scale by the weight.
+        y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+        return self.weight.to(x.dtype) * y
+
+
+def rope_cache(head_dim: int, seq_len: int, theta: float, device: torch.device | str | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [seq_len, head_dim] (the frequencies repeated twice: the rotate-half layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    t = torch.arange(seq_len, dtype=torch.int64, device=device).float()
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D]; cos/sin: [T, D]. x·cos + rotate_half(x)·sin with rotate_half = (-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)  # fp32 tables: under autocast q/k come back in bf16
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: k, v [L, B, n_kv_heads, max_len, head_dim].
+    `pos` is the number of positions already filled; the model advances it after the last layer."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.wq = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=False)
+        self.wk = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
+        self.wv = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
+        self.wo = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attn_mask, is_causal = None, True
+        if cache is not None:
+            p = cache.pos
+            cache.k[layer, :B, :, p:p + T] = k
+            cache.v[layer, :B, :, p:p + T] = v
+            k, v = cache.k[layer, :B, :, :p + T], cache.v[layer, :B, :, :p + T]
+            if p > 0:  # queries at p..p+T-1 see keys 0..their own position
+                is_causal = False
+                if T > 1:
+                    attn_mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(diagonal=p)
+        if self.n_kv_heads != self.n_heads:
+            # Expanding K/V beats SDPA's enable_gqa on CPU, where that flag falls back to the math kernel.
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 = gate, w3 = up, w2 = down."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(c.d_model, c.ffn_dim, bias=False)
+        self.w2 = nn.Linear(c.ffn_dim, c.d_model, bias=False)
+        self.w3 = nn.Linear(c.d_model, c.ffn_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.attention = Attention(c)
+        self.ffn_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.feed_forward = FeedForward(c)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        V = config.padded_vocab_size
+        self.tok_embeddings = nn.Embedding(V, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.output = None if config.tie_embeddings else nn.Linear(config.d_model, V, bias=False)
+        cos, sin = rope_cache(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """nanochat-like init: uniform(±√3/√fan_in) for block inputs, zero for the residual outputs
+        (wo, w2) so every block starts as the identity, N(0, 1) embeddings and a near-zero output head."""
+        c = self.config
+        for block in self.layers:
+            for lin in (block.attention.wq, block.attention.wk, block.attention.wv,
+                        block.feed_forward.w1, block.feed_forward.w3):
+                bound = math.sqrt(3.0) / math.sqrt(lin.in_features)
+                lin.weight.uniform_(-bound, bound)
+            block.attention.wo.weight.zero_()
+            block.feed_forward.w2.weight.zero_()
+            block.attention_norm.weight.fill_(1.0)
+            block.ffn_norm.weight.fill_(1.0)
+        self.norm.weight.fill_(1.0)
+        if self.output is None:
+            self.tok_embeddings.weight.normal_(0.0, c.d_model ** -0.5)
+        else:
+            self.tok_embeddings.weight.normal_(0.0, 1.0)
+            self.output.weight.normal_(0.0, 0.001)
+        cos, sin = rope_cache(c.head_dim, c.max_seq_len, c.rope_theta, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def _rope(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if start + T > self.rope_cos.shape[0]:  # longer than max_seq_len: extend the table
+            cos, sin = rope_cache(self.config.head_dim, max(start + T, 2 * self.rope_cos.shape[0]),
+                                  self.config.rope_theta, device=self.rope_cos.device)
+            self.rope_cos, self.rope_sin = cos, sin
+        return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, d_model]."""
+        B, T = idx.shape
+        x = self.tok_embeddings(idx)
+        start = cache.pos if cache is not None else 0
+        cos, sin = self._rope(start, T)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.pos += T
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.tok_embeddings.weight if self.output is None else self.output.weight
+        logits = F.linear(h, w)
+        V = self.config.vocab_size
+        return logits[..., :V] if logits.shape[-1] != V else logits
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                *, cache: KVCache | None = None, reduction: str = "mean") -> Any:
+        """Logits [B, T, vocab_size] in float32 without targets; else the mean cross-entropy over scored
+        positions (mask True, or every position whose target is not -1); reduction="none" returns what
+        `loss_sum` returns (going through forward keeps DDP/FSDP hooks in the loop)."""
+        logits = self.logits(self.hidden(idx, cache))
+        if targets is None:
+            return logits.float()
+        targets = _masked_targets(targets, mask)
+        flat = logits.float().view(-1, logits.shape[-1])
+        if reduction == "mean":
+            return F.cross_entropy(flat, targets.view(-1), ignore_index=-1)
+        nats = F.cross_entropy(flat, targets.view(-1), ignore_index=-1, reduction="none").view(targets.shape)
+        return nats, (targets != -1).float()
+
+    def loss_sum(self, idx: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per position: (nats [B, T] float32, 0 where unscored; scored [B, T] float32, 1 or 0).
+        `.sum()` of each gives the total nats and the count; weighting by token bytes gives bpb."""
+        return self(idx, targets, mask, reduction="none")
+
+
+def _masked_targets(targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return targets if mask is None else targets.masked_fill(~mask.bool(), -1)

@@ -1,0 +1,79 @@
+"""`nanoforge train base` and `nanoforge checkpoints list`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+
+from nanoforge.cli import subparser
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="pretrain a model (base)")
+    tsub = train.add_subparsers(dest="train_command", metavar="<command>")
+    base = subparser(tsub, "base", "pretrain a base model on token shards",
+                     "nanoforge train base --preset cpu-demo --tokens de4k --tag demo --set train.max_steps=100")
+    base.add_argument("--preset", default=None, help="a preset from nanoforge/presets (cpu-demo, ci, nano-125m, d12, d20)")
+    base.add_argument("--config", default=None, help="a TOML config file (applied after the preset)")
+    base.add_argument("--tokens", required=True, help="token shards: a name under tokens/ or a folder")
+    base.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override a config value (repeatable), e.g. --set train.lr=1e-3")
+    base.add_argument("--depth", type=int, default=None, help="shorthand for --set model.depth=N")
+    base.add_argument("--tag", default=None, help="checkpoint folder name (checkpoints/base/TAG); default: the preset")
+    base.add_argument("--run", default=None, help="run folder name (runs/RUN); default: base-TAG")
+    base.add_argument("--resume", action="store_true", help="continue the latest checkpoint of --tag exactly")
+    base.add_argument("--json", action="store_true", help="print the summary as JSON")
+    base.set_defaults(func=_train_base)
+
+    ck = sub.add_parser("checkpoints", help="list checkpoints")
+    csub = ck.add_subparsers(dest="checkpoints_command", metavar="<command>")
+    ls = subparser(csub, "list", "list checkpoints: phase, tag, steps, val bpb", "nanoforge checkpoints list --json")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(func=_list)
+
+
+def _train_base(args: argparse.Namespace) -> int:
+    from nanoforge.config import load_config
+    from nanoforge.errors import UserError
+    from nanoforge.train.loop import train
+
+    if not args.preset and not args.config:
+        raise UserError("give --preset NAME or --config FILE (presets: cpu-demo, ci, nano-125m, d12, d20)")
+    overrides = list(args.overrides) + ([f"model.depth={args.depth}"] if args.depth else [])
+    cfg = load_config(preset=args.preset, path=args.config, overrides=overrides)
+    tag = args.tag or args.preset or "default"
+    summary = train(cfg, tokens=args.tokens, tag=tag, run=args.run, phase="base", resume=args.resume)
+    if summary.get("rank", 0) == 0:
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            bpb = summary["val_bpb"]
+            print(f"step {summary['step']}/{summary['max_steps']}  loss {summary['loss']:.4f}  "
+                  f"val bpb {bpb if bpb is None else round(bpb, 4)}  {summary['tokens_per_second']:,.0f} tokens/s")
+            print(f"checkpoint: {summary['checkpoint']}")
+            print(f"metrics:    {summary['metrics']}")
+    if summary["interrupted"]:
+        print(f"interrupted ({signal.Signals(summary['interrupted']).name}); continue with --resume",
+              file=sys.stderr)
+        return 128 + int(summary["interrupted"])
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from nanoforge.train.checkpoint import list_checkpoints
+
+    rows = list_checkpoints()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no checkpoints yet (train one with `nanoforge train base`)")
+        return 0
+    print(f"{'phase':<6} {'tag':<24} {'step':>8} {'val bpb':>8}  {'steps kept':<20} tokens")
+    for r in rows:
+        bpb = f"{r['val_bpb']:.4f}" if r["val_bpb"] is not None else "-"
+        steps = ",".join(map(str, r["steps"])) + ("" if r["complete"] else " (torn)")
+        print(f"{r['phase']:<6} {r['tag']:<24} {r['step']:>8} {bpb:>8}  {steps:<20} {r['tokens'] or '-'}")
+    return 0

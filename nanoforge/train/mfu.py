@@ -1,0 +1,61 @@
+"""Model FLOPs utilisation: achieved training FLOPs / the device's peak.
+
+GPU peaks come from a table of dense bf16 tensor-core numbers (datasheets); on a CPU the peak is measured
+once with a large fp32 matmul and cached in $NANOFORGE_HOME/cache/cpu_peak_flops.json per CPU and thread count.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+
+from nanoforge import home
+
+# Dense bf16 peak FLOP/s; matched against torch.cuda.get_device_name() in order (longest names first).
+GPU_PEAK_FLOPS = [
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A10G", 125e12), ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12),
+    ("L4", 121e12), ("A6000", 155e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12),
+    ("T4", 65e12),
+]
+
+
+def peak_flops(device: torch.device | str) -> float | None:
+    """Peak FLOP/s of one device, or None when unknown (MFU is then not reported)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS:
+            if key in name:
+                return flops
+        return None
+    if device.type == "cpu":
+        return cpu_peak_flops()
+    return None
+
+
+def cpu_peak_flops(size: int = 1024, seconds: float = 0.5) -> float:
+    """fp32 matmul FLOP/s of this CPU with torch's current thread count (measured once, then cached)."""
+    key = f"{platform.processor() or platform.machine()}|threads={torch.get_num_threads()}|{torch.__version__}"
+    cache = home.home() / "cache" / "cpu_peak_flops.json"
+    try:
+        known = home.read_json(cache) if cache.exists() else {}
+    except Exception:  # noqa: BLE001 - a broken cache is re-measured
+        known = {}
+    if key in known:
+        return float(known[key])
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    flops = 2 * size ** 3 * n / (time.perf_counter() - t0)
+    known[key] = flops
+    try:
+        home.atomic_write_json(cache, known)
+    except OSError:
+        pass
+    return flops
