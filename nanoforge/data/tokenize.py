@@ -220,7 +220,7 @@ def tokenize_corpus(corpus: str | os.PathLike | Sequence[str | os.PathLike], tok
     (a name, a folder, or a loaded Tokenizer) into `out` (default $NANOFORGE_HOME/tokens/<name>); returns
     the folder. Validation is whole documents (`val_docs` first ones, or an evenly spread `val_fraction`,
     default 1%). An unfinished folder made with the same settings is resumed; a finished one is returned
-    as is; one made with other settings (another tokenizer, corpus, split) is refused unless `force`."""
+    as is; one made with other settings (another tokenizer, corpus, split) is refused; `force` starts over."""
     if isinstance(corpus, (str, os.PathLike)):
         corpus = [home.resolve(corpus, "corpora")]
     tok = _load_tokenizer(tokenizer)
@@ -249,7 +249,9 @@ def tokenize_corpus(corpus: str | os.PathLike | Sequence[str | os.PathLike], tok
                 "another corpus" if old and old.get("corpus_fingerprint") != corpus_fp else "other settings"
             raise UserError(f"token folder {out} exists and was made with {what}: pick another --name "
                             f"or pass --force to replace it")
-        if force and old != config:
+        if force:
+            if old is None and not (out / "meta.json").exists() and not list(out.glob("*.bin")):
+                raise UserError(f"{out} exists and is not a token folder: refusing to replace it")
             import shutil
             shutil.rmtree(out)
         elif (out / "meta.json").exists():
@@ -267,14 +269,15 @@ def tokenize_corpus(corpus: str | os.PathLike | Sequence[str | os.PathLike], tok
     if workers is None:
         workers = os.cpu_count() or 1
     workers = max(1, min(workers, len(units) - start)) if len(units) > start else 1
-    init = (tokenizer if isinstance(tokenizer, (str, os.PathLike)) else tok, column, split_blank_lines,
-            dtype.name)
+    # forked workers inherit the loaded tokenizer (no reload per worker); spawned ones load it by path
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    portable = tokenizer if isinstance(tokenizer, (str, os.PathLike)) and method != "fork" else tok
+    init = (portable, column, split_blank_lines, dtype.name)
     t0, n_tokens = time.perf_counter(), 0
     bar = progress.bar(total=sum(sizes[start:]), desc=f"tokenize {name}", unit="B", unit_scale=True)
     pool = None
     try:
         if workers > 1:
-            method = "fork" if sys.platform.startswith("linux") else "spawn"
             pool = multiprocessing.get_context(method).Pool(workers, _init_worker, init)
             results = pool.imap(_encode_unit, units[start:])
         else:

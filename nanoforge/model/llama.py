@@ -97,12 +97,8 @@ class Attention(nn.Module):
                 is_causal = False
                 if T > 1:
                     attn_mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(diagonal=p)
-        if self.n_kv_heads != self.n_heads:
-            # Expanding K/V beats SDPA's enable_gqa on CPU, where that flag falls back to the math kernel.
-            rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -201,14 +197,19 @@ class LLaMA(nn.Module):
         """Logits [B, T, vocab_size] in float32 without targets; else the mean cross-entropy over scored
         positions (mask True, or every position whose target is not -1); reduction="none" returns what
         `loss_sum` returns (going through forward keeps DDP/FSDP hooks in the loop)."""
-        logits = self.logits(self.hidden(idx, cache))
+        h = self.hidden(idx, cache)
         if targets is None:
-            return logits.float()
+            return self.logits(h).float()
         targets = _masked_targets(targets, mask)
-        flat = logits.float().view(-1, logits.shape[-1])
+        if reduction == "mean" and torch.is_grad_enabled() and h.dtype == torch.float32 \
+                and not torch.is_autocast_enabled(h.device.type):
+            w = self.tok_embeddings.weight if self.output is None else self.output.weight
+            return LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), w[:self.config.vocab_size],
+                                            targets.reshape(-1))
+        flat = self.logits(h).float().reshape(-1, self.config.vocab_size)
         if reduction == "mean":
-            return F.cross_entropy(flat, targets.view(-1), ignore_index=-1)
-        nats = F.cross_entropy(flat, targets.view(-1), ignore_index=-1, reduction="none").view(targets.shape)
+            return F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1)
+        nats = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1, reduction="none").view(targets.shape)
         return nats, (targets != -1).float()
 
     def loss_sum(self, idx: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None
@@ -216,6 +217,44 @@ class LLaMA(nn.Module):
         """Per position: (nats [B, T] float32, 0 where unscored; scored [B, T] float32, 1 or 0).
         `.sum()` of each gives the total nats and the count; weighting by token bytes gives bpb."""
         return self(idx, targets, mask, reduction="none")
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean cross-entropy of (h @ w.T) against targets (-1 = ignored), computed in row chunks that stay in
+    cache, with the gradients produced during the forward pass (as Liger's fused linear cross-entropy does).
+    The full [N, V] logits and their gradient are never materialised: on a CPU that saves ~25% of a
+    cpu-demo training step (page faults and memory traffic of two 64 MB tensors), on a GPU memory."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        N, V = h.shape[0], w.shape[0]
+        valid = targets != -1
+        count = valid.sum().clamp(min=1).to(h.dtype)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(w)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        rows = max(32, (1 << 20) // V)  # ~4 MB of fp32 logits per chunk
+        for s in range(0, N, rows):
+            hc, tc, vc = h[s:s + rows], targets[s:s + rows], valid[s:s + rows]
+            logits = hc @ w.T
+            safe = tc.clamp(min=0).unsqueeze(1)
+            target_logit = logits.gather(1, safe).squeeze(1)
+            top = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            total = probs.sum(dim=1, keepdim=True)
+            loss += ((total.log() + top).squeeze(1) - target_logit)[vc].sum()
+            probs.div_(total)
+            probs.scatter_add_(1, safe, -vc.to(probs.dtype).unsqueeze(1))
+            probs.mul_(vc.to(probs.dtype).unsqueeze(1) / count)
+            torch.mm(probs, w, out=grad_h[s:s + rows])
+            grad_w.addmm_(probs.T, hc)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss / count
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None
 
 
 def _masked_targets(targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,202 @@
+"""Training-step benchmark: our LLaMA vs Hugging Face `LlamaForCausalLM` of the same shape, same weights,
+same optimizer (torch AdamW), same batches, same process, fp32 on CPU. Steps alternate between the two so
+machine noise hits both alike; we report the median step time.
+
+    .venv/bin/python bench/train.py                 # cpu-demo shape and d384/L6/seq512/b8, 50 steps each
+    .venv/bin/python bench/train.py --steps 10 --shapes cpu-demo
+
+Prints a markdown table: tokens/s, ratio, peak memory (process max RSS, one child process per
+model), activation memory saved for backward, final losses and the largest loss gap over the run, MFU
+against this CPU's measured fp32 matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanoforge.model import LLaMA, ModelConfig  # noqa: E402
+from nanoforge.train.mfu import cpu_peak_flops  # noqa: E402
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "de"
+SHAPES = {
+    "cpu-demo": (lambda: ModelConfig.from_preset("cpu-demo"), 256, 16),
+    "d384-L6": (lambda: ModelConfig(d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, head_dim=64, ffn_dim=1024,
+                                    vocab_size=4096, max_seq_len=512), 512, 8),
+}
+
+
+def hf_model(c: ModelConfig, ours: LLaMA) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False, attn_implementation="sdpa"))
+    hf.load_state_dict(to_hf(ours.state_dict()))
+    return hf
+
+
+def to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    pairs = [("tok_embeddings", "model.embed_tokens"), ("attention_norm", "input_layernorm"),
+             ("ffn_norm", "post_attention_layernorm"), ("attention.wq", "self_attn.q_proj"),
+             ("attention.wk", "self_attn.k_proj"), ("attention.wv", "self_attn.v_proj"),
+             ("attention.wo", "self_attn.o_proj"), ("feed_forward.w1", "mlp.gate_proj"),
+             ("feed_forward.w3", "mlp.up_proj"), ("feed_forward.w2", "mlp.down_proj")]
+    out = {}
+    for k, v in sd.items():
+        if k == "norm.weight":
+            k = "model.norm.weight"
+        elif k == "output.weight":
+            k = "lm_head.weight"
+        else:
+            k = k if not k.startswith("layers.") else "model." + k
+            for a, b in pairs:
+                k = k.replace(a, b)
+        out[k] = v
+    return out
+
+
+def batches(vocab: int, batch: int, seq: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Real German text as byte ids (no tokenizer needed), or random ids without the shared corpus."""
+    need = n * batch * (seq + 1)
+    if CORPUS.is_dir():
+        import pyarrow.parquet as pq
+
+        text = "\n".join(pq.read_table(sorted(CORPUS.glob("*.parquet"))[0], columns=["text"]).column(0).to_pylist())
+        ids = torch.frombuffer(bytearray(text.encode("utf-8")[:need]), dtype=torch.uint8).long() % vocab
+    else:
+        ids = torch.randint(0, vocab, (need,), generator=torch.Generator().manual_seed(0))
+    ids = ids.view(n, batch, seq + 1)
+    return [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in ids]
+
+
+def step_ours(model: LLaMA, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    loss = model(x, y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def step_hf(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    logits = model(input_ids=x).logits
+    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def saved_activation_bytes(fn) -> int:
+    """Bytes of distinct tensors autograd saves for backward during `fn()` (forward only)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def build(shape: str) -> tuple[ModelConfig, int, int, LLaMA, torch.nn.Module]:
+    make, seq, batch = SHAPES[shape]
+    c = make()
+    torch.manual_seed(0)
+    ours = LLaMA(c)
+    with torch.no_grad():  # the zero-init residual outputs would make the first steps degenerate for HF
+        for blk in ours.layers:
+            blk.attention.wo.weight.normal_(0, 0.02)
+            blk.feed_forward.w2.weight.normal_(0, 0.02)
+    return c, seq, batch, ours, hf_model(c, ours)
+
+
+def rss_child(shape: str, which: str, steps: int) -> None:
+    c, seq, batch, ours, hf = build(shape)
+    model, step = (ours, step_ours) if which == "ours" else (hf, step_hf)
+    del ours, hf
+    data = batches(c.vocab_size, batch, seq, steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for x, y in data:
+        step(model, opt, x, y)
+    print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def bench(shape: str, steps: int, warmup: int) -> dict:
+    c, seq, batch, ours, hf = build(shape)
+    data = batches(c.vocab_size, batch, seq, steps + warmup)
+    opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    opt_h = torch.optim.AdamW(hf.parameters(), lr=1e-3)
+    times = {"ours": [], "hf": []}
+    losses = {"ours": [], "hf": []}
+    for i, (x, y) in enumerate(data):
+        for name, model, opt, step in (("ours", ours, opt_o, step_ours), ("hf", hf, opt_h, step_hf)):
+            t0 = time.perf_counter()
+            loss = step(model, opt, x, y)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+                losses[name].append(loss)
+    x, y = data[0]
+    act = {"ours": saved_activation_bytes(lambda: ours(x, y)),
+           "hf": saved_activation_bytes(lambda: F.cross_entropy(hf(input_ids=x).logits.view(-1, c.vocab_size),
+                                                                y.view(-1)))}
+    rss = {}
+    for which in ("ours", "hf"):
+        r = subprocess.run([sys.executable, __file__, "--rss-child", which, "--shapes", shape, "--steps", "3"],
+                           capture_output=True, text=True, check=True)
+        rss[which] = json.loads(r.stdout.strip().splitlines()[-1])["maxrss_mb"]
+    tokens = batch * seq
+    tps = {k: tokens / statistics.median(v) for k, v in times.items()}
+    peak = cpu_peak_flops(size=2048, seconds=1.0)
+    flops = c.flops_per_token(seq)
+    gap = max(abs(a - b) for a, b in zip(losses["ours"], losses["hf"]))
+    return {"shape": shape, "params": c.num_params(), "seq": seq, "batch": batch, "tps": tps,
+            "ratio": tps["ours"] / tps["hf"], "rss": rss, "act_mb": {k: v / 2**20 for k, v in act.items()},
+            "loss_first": losses["ours"][0], "loss_last": {k: v[-1] for k, v in losses.items()}, "max_gap": gap,
+            "mfu": {k: flops * v / peak for k, v in tps.items()}, "peak_gflops": peak / 1e9}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.rss_child:
+        rss_child(args.shapes, args.rss_child, args.steps)
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, {args.steps} timed steps "
+          f"(+{args.warmup} warm-up), AdamW lr 1e-3, same weights and batches\n")
+    print("| shape | params | batch×seq | ours tok/s | HF tok/s | ratio | peak RSS ours/HF MB | "
+          "activations ours/HF MB | loss first → last ours / HF | max loss gap | MFU ours / HF |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        r = bench(shape, args.steps, args.warmup)
+        print(f"| {shape} | {r['params'] / 1e6:.2f}M | {r['batch']}×{r['seq']} | {r['tps']['ours']:,.0f} | "
+              f"{r['tps']['hf']:,.0f} | **{r['ratio']:.2f}×** | {r['rss']['ours']:,.0f} / {r['rss']['hf']:,.0f} | "
+              f"{r['act_mb']['ours']:,.0f} / {r['act_mb']['hf']:,.0f} | {r['loss_first']:.3f} → "
+              f"{r['loss_last']['ours']:.4f} / {r['loss_last']['hf']:.4f} | {r['max_gap']:.1e} | "
+              f"{100 * r['mfu']['ours']:.1f}% / {100 * r['mfu']['hf']:.1f}% |", flush=True)
+    print(f"\nCPU fp32 matmul peak (2048² matmul, measured): {r['peak_gflops']:,.0f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

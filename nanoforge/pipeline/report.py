@@ -1,0 +1,395 @@
+"""The speedrun report: runs/<run>/report.md, the same as one self-contained report.html (PNGs inlined),
+plots/*.png (training loss, validation bpb) and summary.json (headline numbers, all finite).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from nanoforge import __version__, home
+
+
+def write_report(runner: Any, cfg: Any, data: str | None) -> dict[str, Any]:
+    """Write report.md, report.html, plots/ and summary.json for the stages in `runner.results`."""
+    run_dir: Path = runner.run_dir
+    r = {name: res.result for name, res in runner.results.items()}
+    train, ev = r["pretrain"], r["eval"]
+    metrics = read_metrics(train["metrics"])
+    plots = plot_curves(metrics, run_dir / "plots")
+    mc = cfg.model_config()
+    mc.vocab_size = int(r["tokenizer"].get("vocab_size") or mc.vocab_size)
+    params = mc.num_params()
+    flops_per_token = mc.flops_per_token(cfg.train.seq_len)
+    steps = int(train.get("step") or 0)
+    tokens_trained = steps * cfg.train.total_batch_tokens
+    tps = [m["tokens_per_second"] for m in metrics if _finite(m.get("tokens_per_second"))]
+    mfus = [m["mfu"] for m in metrics if _finite(m.get("mfu"))]
+    tasks = ev.get("tasks") or {}
+    task_scores = _task_scores(tasks)
+    stage_rows = [(n, res.seconds, res.skipped) for n, res in runner.results.items()]
+    total = time.perf_counter() - runner.started
+    prompt = cfg.eval.prompts[0] if cfg.eval.prompts else "Once upon a time"
+    try_cmd = f"nanoforge sample {train.get('checkpoint_dir')} --prompt {shlex.quote(prompt)}"
+
+    summary = {
+        "run": runner.run, "preset": cfg.preset, "data": data or "stdlib docstrings",
+        "val_bpb": ev.get("val_bpb"), "final_loss": train.get("loss"), "train_val_bpb": train.get("val_bpb"),
+        "steps": steps, "tokens_trained": tokens_trained, "params": params,
+        "flops_per_token": flops_per_token, "train_flops": flops_per_token * tokens_trained,
+        "tokens_per_second": (sum(tps) / len(tps)) if tps else train.get("tokens_per_second"),
+        "mfu": (sum(mfus) / len(mfus)) if mfus else train.get("mfu"),
+        "tokenizer_vocab_size": r["tokenizer"].get("vocab_size"),
+        "bytes_per_token": (r["tokenize"].get("meta") or {}).get("bytes_per_token"),
+        "tokenizer_metrics": tokenizer_metrics(r), "metrics": train.get("metrics"),
+        "tasks": task_scores, "tasks_stderr": _task_scores(tasks, stderr=True), "tasks_avg": (sum(task_scores.values()) / len(task_scores)) if task_scores else None,
+        "stage_seconds": {n: round(s, 3) for n, s, _ in stage_rows}, "total_seconds": round(total, 3),
+        "checkpoint": train.get("checkpoint_dir"), "export": r.get("export", {}).get("export"),
+        "report": str(run_dir / "report.md"), "try": try_cmd,
+    }
+    summary = _finite_only(summary)
+
+    md = [f"# nanoforge speedrun: {runner.run}", "",
+          f"Preset `{cfg.preset or '-'}`, data `{data or 'Python standard-library docstrings (offline default)'}`, "
+          f"finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+          "## Headline", "", _table(["metric", "value"], [
+              ["val bpb (full validation split)", _num(ev.get("val_bpb"))],
+              ["final training loss", _num(train.get("loss"))],
+              ["parameters", f"{params:,}"], ["steps", f"{steps:,}"], ["tokens trained", f"{tokens_trained:,}"],
+              ["total time", _dur(total)]]), "",
+          "## Hardware and software", "", _table(["", ""], [[k, v] for k, v in environment().items()]), "",
+          "## Configuration", "", "```toml", cfg.to_toml().strip(), "```", "",
+          "## Tokenizer", "", tokenizer_section(r), "",
+          "## Model", "", _table(["", ""], [
+              ["parameters (all)", f"{params:,}"], ["parameters (without embeddings)", f"{mc.num_params(False):,}"],
+              ["training FLOPs per token", f"{flops_per_token:,}"],
+              ["training FLOPs (total)", f"{flops_per_token * tokens_trained:.3e}"]]), "",
+          "## Training", "", _table(["", ""], [
+              ["tokens/s (mean)", _num(summary.get("tokens_per_second"), 0)],
+              ["MFU (mean)", f"{100 * summary['mfu']:.2f}%" if "mfu" in summary else "n/a"],
+              ["checkpoint", f"`{train.get('checkpoint_dir')}`"]]), ""]
+    for name, png in plots.items():
+        md += [f"![{name}](plots/{png.name})", ""]
+    md += ["## Evaluation", "", _table(["metric", "value"],
+                                       [["val bpb", _num(ev.get("val_bpb"))]]
+                                       + [[k, _num(v)] for k, v in task_scores.items()]
+                                       + ([["Avg", _num(summary["tasks_avg"])]] if "tasks_avg" in summary else [])),
+           "", "## Samples (greedy)", ""]
+    for s in ev.get("samples", []):
+        md += [f"- **{_md_escape(s['prompt'])}**{_md_escape(s['completion'])}"]
+    md += ["", "## Time per stage", "", _table(["stage", "seconds", ""], [
+        [n, f"{s:.1f}", "skipped (up to date)" if skipped else ""] for n, s, skipped in stage_rows]
+        + [["total (this invocation)", f"{total:.1f}", ""]]), "",
+        "## Disk used", "", _table(["what", "path", "size"], disk_rows(r, run_dir)), "",
+        "## Try it", "", "```", try_cmd, "```", ""]
+    text = "\n".join(md)
+    home.atomic_write_text(run_dir / "report.md", text)
+    home.atomic_write_text(run_dir / "report.html", markdown_to_html(text, run_dir, title=f"speedrun {runner.run}"))
+    home.atomic_write_json(run_dir / "summary.json", summary)
+    return {"report": str(run_dir / "report.md"), "html": str(run_dir / "report.html"), "summary": summary,
+            "outputs": [str(run_dir / "report.md")]}
+
+
+# --- pieces --------------------------------------------------------------------------------------------
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    rows = []
+    p = Path(path)
+    if p.is_file():
+        for line in p.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def plot_curves(metrics: list[dict[str, Any]], out: Path) -> dict[str, Path]:
+    """loss.png (training loss per step) and val_bpb.png; returns {title: path} of those written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for key, title, fname in (("loss", "training loss", "loss.png"), ("val_bpb", "validation bits per byte",
+                                                                      "val_bpb.png")):
+        pts = [(m["step"], m[key]) for m in metrics if _finite(m.get(key))]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / fname)
+        plt.close(fig)
+        written[title] = out / fname
+    return written
+
+
+def tokenizer_section(r: dict[str, Any]) -> str:
+    tok = r["tokenizer"]
+    te = r.get("tokenizer_eval") or {}
+    lines = [f"`{tok.get('name')}`: vocab {tok.get('vocab_size')}, fingerprint `{tok.get('fingerprint')}`, "
+             f"saved in `{tok.get('path')}` (Hugging Face export in `hf/`)."]
+    out = Path(te["out"]) if te.get("out") else None
+    table = None
+    if out and out.is_dir():
+        for f in sorted(out.glob("*.md")):
+            table = f.read_text(encoding="utf-8").strip()
+            break
+    if table:
+        lines += ["", f"Metrics on {te.get('documents')} held-out documents:", "", table]
+    meta = r.get("tokenize", {}).get("meta") or {}
+    if meta.get("chars_per_token"):
+        lines += ["", f"On the whole corpus: {meta.get('tokens'):,} tokens, {meta['chars_per_token']} characters "
+                      f"and {meta.get('bytes_per_token')} bytes per token."]
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, str]:
+    import torch
+
+    env = {"CPU": _cpu_name(), "CPU cores": str(os.cpu_count())}
+    try:
+        import psutil
+
+        env["memory"] = f"{psutil.virtual_memory().total / 2**30:.1f} GiB"
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        env["GPU"] = f"{torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}"
+    else:
+        env["GPU"] = "none"
+    env.update({"OS": platform.platform(), "Python": platform.python_version(), "torch": torch.__version__,
+                "nanoforge": __version__, "git commit": git_commit() or "not a git checkout"})
+    return env
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + (" (modified)" if dirty.stdout.strip() else "")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def disk_rows(r: dict[str, Any], run_dir: Path) -> list[list[str]]:
+    items = [("corpus", r["data"]["corpus"]), ("tokenizer", r["tokenizer"]["path"]),
+             ("token shards", r["tokenize"]["tokens"]), ("checkpoints", r["pretrain"].get("checkpoint_dir")),
+             ("Hugging Face export", (r.get("export") or {}).get("export")), ("run folder", str(run_dir))]
+    rows = []
+    total = 0
+    for what, path in items:
+        paths = path if isinstance(path, list) else [path]
+        size = sum(du(p) for p in paths if p)
+        total += size
+        shown = paths[0] if len(paths) == 1 else f"{Path(paths[0]).parent} ({len(paths)} files)"
+        rows.append([what, f"`{shown}`", _bytes(size)])
+    rows.append(["total", "", _bytes(total)])
+    return rows
+
+
+def du(path: str | os.PathLike) -> int:
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    if not p.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def plot_colors(n: int) -> list[Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def tokenizer_metrics(r: dict[str, Any]) -> dict[str, float]:
+    """Scalar metrics of our tokenizer from the tokenizer_eval stage's result (GerTokEval's names)."""
+    metrics = (r.get("tokenizer_eval") or {}).get("metrics") or {}
+    name = (r.get("tokenizer") or {}).get("name")
+    found: dict[str, float] = {}
+
+    def walk(d: Any, depth: int) -> None:
+        if not isinstance(d, dict) or depth > 3:
+            return
+        for k, v in d.items():
+            if k in ("fertility", "vocab_utilization", "type_token_ratio", "token_length", "tokens_per_line",
+                     "bytes_per_token") and k not in found:
+                if isinstance(v, dict):
+                    v = v.get("mean", v.get("value"))
+                if _finite(v):
+                    found[k] = float(v)
+            elif isinstance(v, dict) and (depth > 0 or k in (name, "tokenizers", "metrics", "results", "summary")):
+                walk(v, depth + 1)
+
+    walk(metrics.get(name, metrics) if isinstance(metrics, dict) else {}, 0)
+    return found
+
+
+def _task_scores(tasks: dict[str, Any], stderr: bool = False) -> dict[str, float]:
+    """{task metric: main score} (or its standard error) from run_tasks' result (per-task dicts with
+    acc_norm / acc / exact_match)."""
+    scores = {}
+    per_task = tasks.get("results", tasks) if isinstance(tasks, dict) else {}
+    for name, res in (per_task or {}).items():
+        if not isinstance(res, dict):
+            continue
+        for key in ("acc_norm", "acc", "exact_match", "mc2", "score"):
+            v = res.get(key)
+            if isinstance(v, dict):
+                v = v.get("stderr") if stderr else v.get("value")
+            elif stderr and v is not None:
+                v = res.get(f"{key}_stderr")
+            if v is not None:
+                if _finite(v):
+                    scores[f"{name} {key}"] = float(v)
+                break
+    return scores
+
+
+# --- formatting ----------------------------------------------------------------------------------------
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _finite_only(obj: Any) -> Any:
+    """Drop None and non-finite numbers, so every number in summary.json is finite."""
+    if isinstance(obj, dict):
+        return {k: _finite_only(v) for k, v in obj.items()
+                if v is not None and not (isinstance(v, float) and not math.isfinite(v))}
+    return obj
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    return f"{v:,.{digits}f}" if _finite(v) else "n/a"
+
+
+def _dur(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("\n", "⏎").replace("|", "\\|").replace("*", "\\*").replace("_", "\\_")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_to_html(text: str, base: Path, title: str = "report") -> str:
+    """The small markdown subset our reports use (headings, tables, lists, code blocks, images, bold,
+    code spans) as one HTML page; images are inlined as base64 so the file stands alone."""
+    out: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("```"):
+            j = i + 1
+            while j < len(lines) and not lines[j].startswith("```"):
+                j += 1
+            out.append("<pre><code>" + html.escape("\n".join(lines[i + 1:j])) + "</code></pre>")
+            i = j + 1
+            continue
+        if line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(lines[i])
+                i += 1
+            out.append(_html_table(rows))
+            continue
+        if line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:], base)}</li>")
+                i += 1
+            out.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        m = re.match(r"(#{1,6}) (.*)", line)
+        if m:
+            n = len(m.group(1))
+            out.append(f"<h{n}>{_inline(m.group(2), base)}</h{n}>")
+        elif line.strip():
+            out.append(f"<p>{_inline(line, base)}</p>")
+        i += 1
+    style = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
+             "text-align:left}pre{background:#f6f6f6;padding:.8em;overflow:auto}img{max-width:100%}")
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+
+
+def _html_table(rows: list[str]) -> str:
+    cells = [[c.strip() for c in re.split(r"(?<!\\)\|", r.strip().strip("|"))] for r in rows]
+    body = [c for c in cells if not all(set(x) <= set("-: ") and x for x in c)]
+    if not body:
+        return ""
+    head, rest = body[0], body[1:]
+    h = "<tr>" + "".join(f"<th>{_inline(c, None)}</th>" for c in head) + "</tr>"
+    b = "".join("<tr>" + "".join(f"<td>{_inline(c, None)}</td>" for c in r) + "</tr>" for r in rest)
+    return f"<table>{h}{b}</table>"
+
+
+def _inline(s: str, base: Path | None) -> str:
+    def image(m: re.Match) -> str:
+        alt, src = m.group(1), m.group(2)
+        path = (base / src) if base is not None else Path(src)
+        if path.is_file():
+            data = base64.b64encode(path.read_bytes()).decode()
+            return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+        return html.escape(alt)
+
+    parts = re.split(r"(!\[[^\]]*\]\([^)]*\))", s)
+    out = []
+    for part in parts:
+        m = re.fullmatch(r"!\[([^\]]*)\]\(([^)]*)\)", part)
+        if m:
+            out.append(image(m))
+            continue
+        t = html.escape(part.replace("\\|", "|").replace("\\*", "\x00").replace("\\_", "\x01"))
+        t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+        t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+        out.append(t.replace("\x00", "*").replace("\x01", "_"))
+    return "".join(out)
