@@ -4,9 +4,10 @@ machine noise hits both alike; we report the median step time.
 
     .venv/bin/python bench/train.py                 # cpu-demo shape and d384/L6/seq512/b8, 50 steps each
     .venv/bin/python bench/train.py --steps 10 --shapes cpu-demo
+    .venv/bin/python bench/train.py --compile        # adds our model under torch.compile (needs a C++ compiler)
 
-Prints a markdown table: tokens/s, ratio, peak memory (process max RSS, one child process per
-model), activation memory saved for backward, final losses and the largest loss gap over the run, MFU
+Prints a markdown table: tokens/s, ratio, peak training memory (resident memory above the model and
+data, one child process per model), activation memory saved for backward, final losses and the largest loss gap over the run, MFU
 against this CPU's measured fp32 matmul peak.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -126,25 +126,49 @@ def build(shape: str) -> tuple[ModelConfig, int, int, LLaMA, torch.nn.Module]:
 
 
 def rss_child(shape: str, which: str, steps: int) -> None:
+    """Peak resident memory of training steps above the process's memory right before them (weights,
+    data and imports excluded; gradients, optimizer state and activations included), sampled every 2 ms."""
+    import threading
+
+    import psutil
+
     c, seq, batch, ours, hf = build(shape)
     model, step = (ours, step_ours) if which == "ours" else (hf, step_hf)
     del ours, hf
     data = batches(c.vocab_size, batch, seq, steps)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    proc = psutil.Process()
+    base = peak = proc.memory_info().rss
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
     for x, y in data:
         step(model, opt, x, y)
-    print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    done.set()
+    t.join()
+    print(json.dumps({"peak_mb": (peak - base) / 2**20}))
 
 
-def bench(shape: str, steps: int, warmup: int) -> dict:
+def bench(shape: str, steps: int, warmup: int, compile: bool = False) -> dict:
     c, seq, batch, ours, hf = build(shape)
     data = batches(c.vocab_size, batch, seq, steps + warmup)
-    opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-3)
-    opt_h = torch.optim.AdamW(hf.parameters(), lr=1e-3)
-    times = {"ours": [], "hf": []}
-    losses = {"ours": [], "hf": []}
+    runs = [("ours", ours, torch.optim.AdamW(ours.parameters(), lr=1e-3), step_ours),
+            ("hf", hf, torch.optim.AdamW(hf.parameters(), lr=1e-3), step_hf)]
+    if compile:  # a third copy of our weights, torch.compile'd (inductor's C++ kernels on CPU)
+        twin = LLaMA(c)
+        twin.load_state_dict(ours.state_dict())
+        runs.append(("compiled", torch.compile(twin), torch.optim.AdamW(twin.parameters(), lr=1e-3), step_ours))
+    times: dict[str, list[float]] = {name: [] for name, *_ in runs}
+    losses: dict[str, list[float]] = {name: [] for name, *_ in runs}
     for i, (x, y) in enumerate(data):
-        for name, model, opt, step in (("ours", ours, opt_o, step_ours), ("hf", hf, opt_h, step_hf)):
+        for name, model, opt, step in runs:
             t0 = time.perf_counter()
             loss = step(model, opt, x, y)
             if i >= warmup:
@@ -158,14 +182,14 @@ def bench(shape: str, steps: int, warmup: int) -> dict:
     for which in ("ours", "hf"):
         r = subprocess.run([sys.executable, __file__, "--rss-child", which, "--shapes", shape, "--steps", "3"],
                            capture_output=True, text=True, check=True)
-        rss[which] = json.loads(r.stdout.strip().splitlines()[-1])["maxrss_mb"]
+        rss[which] = json.loads(r.stdout.strip().splitlines()[-1])["peak_mb"]
     tokens = batch * seq
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     peak = cpu_peak_flops(size=2048, seconds=1.0)
     flops = c.flops_per_token(seq)
     gap = max(abs(a - b) for a, b in zip(losses["ours"], losses["hf"]))
     return {"shape": shape, "params": c.num_params(), "seq": seq, "batch": batch, "tps": tps,
-            "ratio": tps["ours"] / tps["hf"], "rss": rss, "act_mb": {k: v / 2**20 for k, v in act.items()},
+            "ratio": tps["ours"] / tps["hf"], "compiled_ratio": tps.get("compiled", 0) / tps["hf"], "rss": rss, "act_mb": {k: v / 2**20 for k, v in act.items()},
             "loss_first": losses["ours"][0], "loss_last": {k: v[-1] for k, v in losses.items()}, "max_gap": gap,
             "mfu": {k: flops * v / peak for k, v in tps.items()}, "peak_gflops": peak / 1e9}
 
@@ -176,6 +200,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -185,16 +210,19 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, {args.steps} timed steps "
           f"(+{args.warmup} warm-up), AdamW lr 1e-3, same weights and batches\n")
-    print("| shape | params | batch×seq | ours tok/s | HF tok/s | ratio | peak RSS ours/HF MB | "
+    print("| shape | params | batch×seq | ours tok/s | HF tok/s | ratio | peak train mem ours/HF MB | "
           "activations ours/HF MB | loss first → last ours / HF | max loss gap | MFU ours / HF |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
-        r = bench(shape, args.steps, args.warmup)
+        r = bench(shape, args.steps, args.warmup, args.compile)
         print(f"| {shape} | {r['params'] / 1e6:.2f}M | {r['batch']}×{r['seq']} | {r['tps']['ours']:,.0f} | "
               f"{r['tps']['hf']:,.0f} | **{r['ratio']:.2f}×** | {r['rss']['ours']:,.0f} / {r['rss']['hf']:,.0f} | "
               f"{r['act_mb']['ours']:,.0f} / {r['act_mb']['hf']:,.0f} | {r['loss_first']:.3f} → "
               f"{r['loss_last']['ours']:.4f} / {r['loss_last']['hf']:.4f} | {r['max_gap']:.1e} | "
               f"{100 * r['mfu']['ours']:.1f}% / {100 * r['mfu']['hf']:.1f}% |", flush=True)
+        if args.compile:
+            print(f"|   ↳ ours, torch.compile | | | {r['tps']['compiled']:,.0f} | | **{r['compiled_ratio']:.2f}×** | | | "
+                  f"→ {r['loss_last']['compiled']:.4f} | | {100 * r['mfu']['compiled']:.1f}% |", flush=True)
     print(f"\nCPU fp32 matmul peak (2048² matmul, measured): {r['peak_gflops']:,.0f} GFLOP/s")
 
 

@@ -46,18 +46,20 @@ def format_plan(plan: dict[str, Any]) -> str:
     """The plan as a markdown table."""
     cpt, cps = plan["chars_per_token"], plan["chars_per_shard"]
     lines = [f"| model | params | tokens ({plan['ratio']:g}/param) | chars ({cpt:.3g}/token) | "
-             f"shards ({human(cps, 0)} chars) | FLOPs (6ND) |",
+             f"shards ({_short(cps)} chars) | FLOPs (6ND) |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in plan["rows"]:
         chars = r["chars"]
         lines.append(f"| {r['model']} | {human(r['params'])} | {human(r['tokens'])} | "
-                     f"{human(chars, 0 if chars / _scale(chars) >= 10 else 1)} | {r['shards']:,} | "
+                     f"{_short(chars)} | {r['shards']:,} | "
                      f"{r['flops']:.2g} |")
     return "\n".join(lines) + "\n"
 
 
-def _scale(n: float) -> float:
-    return next((s for s in (1e12, 1e9, 1e6, 1e3) if n >= s), 1.0)
+def _short(n: float) -> str:
+    """Whole units from 10 up (15B, 144B, 250M), one decimal below (5.6M)."""
+    scale = next((s for s in (1e12, 1e9, 1e6, 1e3) if n >= s), 1.0)
+    return human(n, 0 if n / scale >= 10 else 1)
 
 
 def measure(corpus: str | os.PathLike, tokenizer: str | None = None) -> dict[str, Any]:

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from _data_helpers import ByteTokenizer, make_corpus
 
 from nanoforge.data import shards
@@ -180,3 +182,30 @@ def test_bad_arguments_are_one_line_errors(tokens: Path, tmp_path: Path) -> None
     with pytest.raises(UserError, match="fingerprint"):
         TokenLoader(tokens, tokenizer_fingerprint="something-else")
     assert TokenLoader(tokens).tokenizer_fingerprint == ByteTokenizer.fingerprint
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n_docs=st.integers(3, 40), shard_tokens=st.integers(50, 2000), T=st.integers(4, 300),
+       B=st.integers(1, 5), world=st.integers(1, 3), layout=st.sampled_from(["packed", "unpacked"]))
+def test_one_pass_scores_every_target_once_whatever_the_geometry(tmp_path_factory: pytest.TempPathFactory,
+                                                                  n_docs: int, shard_tokens: int, T: int, B: int,
+                                                                  world: int, layout: str) -> None:
+    root = tmp_path_factory.mktemp("prop")
+    corpus = make_corpus(root / "c", n_docs=n_docs, files=1, seed=n_docs)
+    out = tokenize_corpus(corpus, ByteTokenizer(), out=root / "t", workers=1, shard_tokens=shard_tokens,
+                          val_docs=0)
+    stream = _stream(out, "train")
+    scored, counts = [], set()
+    for r in range(world):
+        batches = list(TokenLoader(out, "train", batch_size=B, seq_len=T, layout=layout, rank=r,
+                                   world_size=world, infinite=False))
+        counts.add(len(batches))
+        for _, y, m in batches:
+            scored += (y[m] if m is not None else y.flatten()).tolist()
+    assert len(counts) == 1  # every rank the same number of batches
+    if layout == "packed":
+        assert sorted(scored) == sorted(stream[1:].tolist())
+    else:  # each document's tokens after its BOS, truncated to T
+        starts = np.append(np.flatnonzero(stream == BOS), len(stream))
+        expected = [t for a, b in zip(starts[:-1], starts[1:]) for t in stream[a + 1:min(b, a + T + 1)].tolist()]
+        assert sorted(scored) == sorted(expected)

@@ -71,3 +71,15 @@ def test_plan_measures_chars_per_token_with_the_tokenizer(tokenizer_dir: Path,
                  "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert 1.5 < plan["chars_per_token"] < 5 and plan["measured"]["chars_per_shard"] > 5_000_000
+
+
+def test_one_and_two_workers_identical_with_the_real_tokenizer(tokenizer_dir: Path, tmp_path: Path) -> None:
+    from nanoforge.data.tokenize import tokenize_corpus
+
+    shard = CORPUS_DE / "shard_00000.parquet"
+    outs = [tokenize_corpus([shard], str(tokenizer_dir), out=tmp_path / f"w{w}", workers=w,
+                            shard_tokens=300_000, val_fraction=0.02) for w in (1, 2)]
+    names = sorted(p.name for p in outs[0].iterdir() if p.suffix in (".bin", ".npy"))
+    assert len(names) > 4
+    for n in names:
+        assert (outs[0] / n).read_bytes() == (outs[1] / n).read_bytes(), n

@@ -209,3 +209,22 @@ def test_cli_header_error_exits_2_in_one_line(corpus: Path, tmp_path: Path,
     assert main(["data", "inspect", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_txt_and_jsonl_corpora_tokenize_like_the_reader_sees_them(tmp_path: Path) -> None:
+    c = tmp_path / "c"
+    c.mkdir()
+    (c / "a.txt").write_text("block one\n\nblock two\n", encoding="utf-8")
+    (c / "b.jsonl").write_text('{"body": "json doc"}\n{"body": "zweites Dokument"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match="no field 'text'"):
+        tokenize_corpus(c, ByteTokenizer(), out=tmp_path / "t0", workers=2)
+    (c / "b.jsonl").write_text('{"text": "json doc"}\n{"text": "zweites Dokument"}\n', encoding="utf-8")
+    out = tokenize_corpus(c, ByteTokenizer(), out=tmp_path / "t", workers=2, val_docs=0, split_blank_lines=True)
+    assert _split_docs(out, "train") == ["block one", "block two", "json doc", "zweites Dokument"]
+
+
+def test_corpus_and_output_by_name_under_the_data_home(nanoforge_home: Path) -> None:
+    make_corpus(nanoforge_home / "corpora" / "tiny", n_docs=50, files=1)
+    out = tokenize_corpus("tiny", ByteTokenizer(), name="tiny-bytes", workers=1, val_docs=5)
+    assert out == nanoforge_home / "tokens" / "tiny-bytes"
+    assert shards.read_meta("tiny-bytes")["splits"]["val"]["documents"] == 5

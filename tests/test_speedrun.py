@@ -20,7 +20,18 @@ from nanoforge.cli import main
 from nanoforge.data.corpus import iter_documents
 
 pytest.importorskip("nanoforge.tokenizer.train", reason="needs the tokenizer stage (issue 2)")
-pytest.importorskip("nanoforge.export.hf", reason="needs the export stage (issue 5)")
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+HAVE_EXPORT = _have("nanoforge.export.hf")
 
 FAST = ["--set", "eval.limit=8"]  # keep the task evaluation to a handful of examples
 
@@ -68,15 +79,6 @@ def test_ci_speedrun_on_german_corpus_writes_every_artifact(corpus_de: Path) -> 
     assert math.isfinite(results["val_bpb"]) and 0 < results["val_bpb"] < 20
     assert results["samples"] and results["samples"][0]["prompt"] == "Die Stadt"
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    export = Path(stages["export"]["result"]["export"])
-    model = AutoModelForCausalLM.from_pretrained(export)
-    with torch.no_grad():
-        logits = model(torch.tensor([[1, 2, 3]])).logits
-    assert logits.shape[:2] == (1, 3) and torch.isfinite(logits).all()
-
     report = (run_dir / "report.md").read_text()
     pngs = [line.split("(")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
     assert len(pngs) == 2 and all((run_dir / p).stat().st_size > 1000 for p in pngs)
@@ -93,7 +95,21 @@ def test_ci_speedrun_on_german_corpus_writes_every_artifact(corpus_de: Path) -> 
     # the same command again: every stage is up to date (the report is always rewritten)
     assert main(["speedrun", "--preset", "ci", "--data", str(corpus_de), "--run", "ci-de", *FAST]) == 0
     again = _stages("ci-de")
-    assert [n for n, s in again.items() if not s["skipped"]] == ["report"]
+    # a stage that had to leave a part out (a stage module not installed) is redone next time
+    redone = [n for n, partial in (("eval", not _have("nanoforge.eval.tasks")), ("export", not HAVE_EXPORT))
+              if partial] + ["report"]
+    assert [n for n, s in again.items() if not s["skipped"]] == redone
+
+    if not HAVE_EXPORT:
+        pytest.skip("the Hugging Face export stage (nanoforge.export.hf, issue 5) is not installed")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    export = Path(stages["export"]["result"]["export"])
+    model = AutoModelForCausalLM.from_pretrained(export)
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape[:2] == (1, 3) and torch.isfinite(logits).all()
 
 
 def test_speedrun_killed_in_pretraining_resumes_and_skips_finished_stages(corpus_slice: Path) -> None:
@@ -160,7 +176,8 @@ set = ["train.max_steps=8", "train.eval_every=4", "eval.limit=4"]
     monkeypatch.setattr(ablate_mod, "speedrun", real)
     records = home.home() / "pipeline"
     before = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
-    assert len(before) == 7  # data, tokenizer, tokenizer_eval, tokenize, pretrain, eval, export of cell 1
+    expected = {"data", "tokenizer", "tokenizer_eval", "tokenize", "pretrain"} | ({"export"} if HAVE_EXPORT else set())
+    assert {name.rsplit("-", 1)[0] for name in before} >= expected  # cell 1's stages
 
     assert main(["ablate", str(grid), "--name", "g"]) == 0
     after = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}

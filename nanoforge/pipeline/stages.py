@@ -88,21 +88,22 @@ class StageRunner:
         record = None if not cache or (self.fresh and fp not in self.done_now) else self.lookup(name, fp)
         if record is None and self.rank > 0 and cache and not all_ranks:
             record = self.wait_for(name, fp)
+        say = progress.log if self.rank == 0 else (lambda msg: None)
         if record is not None:
             res = StageResult(name, fp, record["result"], float(record.get("seconds", 0.0)), True)
-            progress.log(f"{label}: up to date (made in {_fmt(res.seconds)}), skipped")
+            say(f"{label}: up to date (made in {_fmt(res.seconds)}), skipped")
         else:
-            progress.log(f"{label} ...")
+            say(f"{label} ...")
             t0 = time.perf_counter()
             result = fn(fp)
             seconds = time.perf_counter() - t0
             res = StageResult(name, fp, result, seconds, False)
-            if cache and self.rank == 0:
+            if cache and self.rank == 0 and not result.get("skipped"):  # partial results are redone next time
                 home.atomic_write_json(self.record_path(name, fp), {
                     "stage": name, "fingerprint": fp, "inputs": inputs, "result": result,
                     "seconds": round(seconds, 3), "run": self.run, "time": time.time()})
             self.done_now.add(fp)
-            progress.log(f"{label}: done in {_fmt(seconds)}")
+            say(f"{label}: done in {_fmt(seconds)}")
         self.results[name] = res
         self.save_state()
         return res

@@ -80,22 +80,22 @@ def train_bpe(chunk_counts: dict[str, int], num_merges: int) -> list[tuple[int, 
             words.append(list(b))
             counts.append(c)
 
-    # Initial pair counts and where each pair occurs.
+    # Initial pair counts, and for each pair the words it occurs in (a list; a word may repeat or no longer
+    # hold the pair: visiting it then finds nothing, which is cheaper than keeping sets exact).
     pair_counts: dict[int, int] = {}
-    where: dict[int, set[int]] = {}
+    where: dict[int, list[int]] = {}
     get = pair_counts.get
     for wi, w in enumerate(words):
         c = counts[wi]
-        prev = w[0]
-        for x in w[1:]:
-            p = prev << _SHIFT | x
-            pair_counts[p] = get(p, 0) + c
+        for p in {x << _SHIFT | y for x, y in zip(w, w[1:])}:
             s = where.get(p)
             if s is None:
-                where[p] = {wi}
+                where[p] = [wi]
             else:
-                s.add(wi)
-            prev = x
+                s.append(wi)
+        for x, y in zip(w, w[1:]):
+            p = x << _SHIFT | y
+            pair_counts[p] = get(p, 0) + c
     heap = [(-c << _CSHIFT) | p for p, c in pair_counts.items() if c > 0]
     heapq.heapify(heap)
 
@@ -113,48 +113,55 @@ def train_bpe(chunk_counts: dict[str, int], num_merges: int) -> list[tuple[int, 
         a, b = pair >> _SHIFT, pair & _MASK
         new = 256 + len(merges)
         merges.append((a, b))
-        new_pairs: dict[int, set[int]] = {}
+        new_pairs: dict[int, list[int]] = {}
+        npget = new_pairs.get
         for wi in where.pop(pair):
             w = words[wi]
-            n = len(w)
-            if n < 2:
+            try:
+                i = w.index(a)
+            except ValueError:
                 continue
+            n = len(w)
             c = counts[wi]
-            out: list[int] = []
-            i = 0
-            changed = False
-            while i < n:
-                if i + 1 < n and w[i] == a and w[i + 1] == b:
-                    changed = True
-                    if out:
+            out = None
+            start = 0
+            while True:
+                if i + 1 < n and w[i + 1] == b:
+                    if out is None:
+                        out = w[:i]
+                    else:
+                        out.extend(w[start:i])
+                    if out:  # left neighbour x: (x, a) -> (x, new)
                         x = out[-1]
-                        p = x << _SHIFT | a
-                        pair_counts[p] -= c
+                        pair_counts[x << _SHIFT | a] -= c
                         p = x << _SHIFT | new
                         pair_counts[p] = get(p, 0) + c
-                        s = new_pairs.get(p)
+                        s = npget(p)
                         if s is None:
-                            new_pairs[p] = {wi}
+                            new_pairs[p] = [wi]
                         else:
-                            s.add(wi)
+                            s.append(wi)
                     pair_counts[pair] -= c
-                    if i + 2 < n:
+                    if i + 2 < n:  # right neighbour y: (b, y) -> (new, y)
                         y = w[i + 2]
-                        p = b << _SHIFT | y
-                        pair_counts[p] -= c
+                        pair_counts[b << _SHIFT | y] -= c
                         p = new << _SHIFT | y
                         pair_counts[p] = get(p, 0) + c
-                        s = new_pairs.get(p)
+                        s = npget(p)
                         if s is None:
-                            new_pairs[p] = {wi}
+                            new_pairs[p] = [wi]
                         else:
-                            s.add(wi)
+                            s.append(wi)
                     out.append(new)
-                    i += 2
+                    start = i = i + 2
                 else:
-                    out.append(w[i])
                     i += 1
-            if changed:
+                try:
+                    i = w.index(a, i)
+                except ValueError:
+                    break
+            if out is not None:
+                out.extend(w[start:])
                 words[wi] = out
         for p, s in new_pairs.items():
             cnt = pair_counts.get(p, 0)

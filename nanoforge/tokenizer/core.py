@@ -55,13 +55,15 @@ def read_ranks(path: str | os.PathLike) -> dict[bytes, int]:
     try:
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, 1):
-                if line.strip():
+                if not line.strip():
+                    continue
+                try:
                     tok, rank = line.split()
                     ranks[base64.b64decode(tok)] = int(rank)
+                except ValueError:
+                    raise TokenizerError(f"{path}: line {lineno} is not 'base64 rank'") from None
     except FileNotFoundError:
         raise TokenizerError(f"{path} is missing: not a nanoforge tokenizer folder") from None
-    except ValueError:
-        raise TokenizerError(f"{path}: line {lineno} is not 'base64 rank'") from None
     return ranks
 
 
@@ -186,7 +188,6 @@ class Tokenizer:
             np.save(f, self.token_bytes)
         os.replace(folder / ".token_bytes.npy.tmp", folder / "token_bytes.npy")
         atomic_write_json(folder / "nanoforge.json", meta)
-        self.path = folder
         return folder
 
     # ---- encoding ----------------------------------------------------------------------------------

@@ -42,17 +42,20 @@ def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[byt
 def tokenizer_json_from_ranks(ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int],
                               bos: str | None) -> dict[str, Any]:
     """A tokenizer.json (as a dict) equivalent to tiktoken with these ranks, pattern and specials."""
-    b2u = bytes_to_unicode()
+    table = {b: c for b, c in bytes_to_unicode().items()}  # latin-1 code point == byte value
 
     def piece(b: bytes) -> str:
-        return "".join(b2u[x] for x in b)
+        return b.decode("latin-1").translate(table)
 
-    vocab = {piece(t): r for t, r in ranks.items()}
+
+    vocab = {t.decode("latin-1").translate(table): r for t, r in ranks.items()}
     merges = []
     for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(tok) == 1:
             continue
-        parts = _bpe_split(ranks, tok, rank)
+        # Fast path: a single split into two lower-rank tokens must be the merge; otherwise ask BPE.
+        splits = [i for i in range(1, len(tok)) if ranks.get(tok[:i], rank) < rank and ranks.get(tok[i:], rank) < rank]
+        parts = [tok[:splits[0]], tok[splits[0]:]] if len(splits) == 1 else _bpe_split(ranks, tok, rank)
         if len(parts) != 2:
             raise UserError(f"rank {rank} ({tok!r}) is not the merge of two lower-rank tokens: "
                             "these ranks are not byte-level BPE")

@@ -253,7 +253,9 @@ class _Trainer:
                 is_last = step == self.max_steps
                 if (tc.eval_every and step % tc.eval_every == 0) or is_last:
                     last["val_bpb"] = record["val_bpb"] = self._evaluate()
-                if tc.sample_every and (step % tc.sample_every == 0 or is_last) and info.is_main:
+                # Under FSDP the parameters are shards: rank 0 alone cannot run the model, so no samples.
+                if tc.sample_every and (step % tc.sample_every == 0 or is_last) and info.is_main \
+                        and not (info.enabled and tc.parallel == "fsdp"):
                     writers.samples(step, self._sample())
                 writers.metrics(record)
                 bar.update(1)

@@ -36,24 +36,32 @@ def peak_flops(device: torch.device | str) -> float | None:
     return None
 
 
-def cpu_peak_flops(size: int = 1024, seconds: float = 0.5) -> float:
-    """fp32 matmul FLOP/s of this CPU with torch's current thread count (measured once, then cached)."""
+_measured: dict[str, float] = {}
+
+
+def cpu_peak_flops(size: int = 1024, seconds: float = 0.3) -> float:
+    """fp32 matmul FLOP/s of this CPU with torch's current thread count (the best of a few bursts;
+    measured once, then cached on disk and in the process)."""
     key = f"{platform.processor() or platform.machine()}|threads={torch.get_num_threads()}|{torch.__version__}"
+    if key in _measured:
+        return _measured[key]
     cache = home.home() / "cache" / "cpu_peak_flops.json"
     try:
         known = home.read_json(cache) if cache.exists() else {}
     except Exception:  # noqa: BLE001 - a broken cache is re-measured
         known = {}
     if key in known:
-        return float(known[key])
+        _measured[key] = float(known[key])
+        return _measured[key]
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b  # warm up
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        n += 1
-    flops = 2 * size ** 3 * n / (time.perf_counter() - t0)
-    known[key] = flops
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:  # bursts: other processes on the machine only lower some of them
+        t0 = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        best = max(best, 3 * 2 * size ** 3 / (time.perf_counter() - t0))
+    flops = _measured[key] = known[key] = best
     try:
         home.atomic_write_json(cache, known)
     except OSError:

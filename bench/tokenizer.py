@@ -1,0 +1,158 @@
+"""Tokenizer benchmark: training wall time and peak RSS of our three backends against rustbpe and Hugging Face
+tokenizers called directly, and encode throughput of `Tokenizer` against tiktoken and HF tokenizers.
+
+    .venv/bin/python bench/tokenizer.py                          # 2 MB slice + all of ../shared/corpus/de, 8,192
+    .venv/bin/python bench/tokenizer.py --vocab 8192 32768 --with-en
+
+Every trainer runs in its own subprocess, so its peak RSS is its own: we report the process's peak plus the
+peak of its largest child (the python backend's pre-tokenization workers), from getrusage. Prints markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CORPUS = ROOT.parent / "shared" / "corpus"
+TRAINERS = ["rustbpe (direct)", "hf tokenizers (direct)", "nanoforge rustbpe", "nanoforge neox", "nanoforge python"]
+
+
+def _docs(data: list[str], max_chars: int | None):
+    from nanoforge.data.corpus import iter_documents
+
+    n = 0
+    for d in iter_documents(data):
+        n += len(d)
+        yield d
+        if max_chars is not None and n > max_chars:
+            return
+
+
+def worker(kind: str, data: list[str], vocab: int, max_chars: int | None) -> dict:
+    """Train once in this process; return seconds and peak RSS (MB)."""
+    from nanoforge.tokenizer import NANOCHAT_PATTERN, SPECIAL_TOKENS
+
+    t0 = time.perf_counter()
+    if kind == "rustbpe (direct)":
+        import rustbpe
+        import tiktoken
+
+        r = rustbpe.Tokenizer()
+        r.train_from_iterator(_docs(data, max_chars), vocab - len(SPECIAL_TOKENS), pattern=NANOCHAT_PATTERN)
+        ranks = {bytes(b): i for b, i in r.get_mergeable_ranks()}
+        tiktoken.Encoding("x", pat_str=NANOCHAT_PATTERN, mergeable_ranks=ranks,
+                          special_tokens={s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)})
+    elif kind == "hf tokenizers (direct)":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        hf = Tokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        hf.train_from_iterator(_docs(data, max_chars), trainers.BpeTrainer(
+            vocab_size=vocab, special_tokens=SPECIAL_TOKENS, show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    else:
+        from nanoforge.tokenizer.train import train_tokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            train_tokenizer(data, vocab_size=vocab, backend=kind.split()[1], out=Path(tmp) / "tok",
+                            max_chars=max_chars)
+    seconds = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"seconds": seconds, "peak_rss_mb": rss / 1024}
+
+
+def run_worker(kind: str, data: list[str], vocab: int, max_chars: int | None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--data", *data, "--vocab", str(vocab)]
+    if max_chars:
+        cmd += ["--max-chars", str(max_chars)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def encode_bench(data: list[str], vocab: int) -> list[tuple[str, float, float]]:
+    """(engine, single MB/s, batch MB/s) on every document under `data`."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from nanoforge.tokenizer import Tokenizer
+    from nanoforge.tokenizer.train import train_tokenizer
+
+    docs = list(_docs(data, None))
+    mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Tokenizer.load(train_tokenizer(data, vocab_size=vocab, backend="rustbpe", out=Path(tmp) / "t"))
+        hf = HFTokenizer.from_file(str(tok.path / "hf" / "tokenizer.json"))
+    hf.encode_special_tokens = True
+    enc = tok._enc
+    engines = {
+        "nanoforge Tokenizer": (tok.encode, tok.encode_batch),
+        "tiktoken (direct)": (enc.encode_ordinary, lambda ds: enc.encode_ordinary_batch(ds, num_threads=8)),
+        "hf tokenizers (direct)": (lambda d: hf.encode(d, add_special_tokens=False).ids,
+                                   lambda ds: hf.encode_batch(ds, add_special_tokens=False)),
+    }
+    rows = []
+    for name, (single, batch) in engines.items():
+        best_s = best_b = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            for d in docs:
+                single(d)
+            best_s = min(best_s, time.perf_counter() - t)
+            t = time.perf_counter()
+            batch(docs)
+            best_b = min(best_b, time.perf_counter() - t)
+        rows.append((name, mb / best_s, mb / best_b))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--data", nargs="+", default=[str(CORPUS / "de")])
+    ap.add_argument("--vocab", type=int, nargs="+", default=[8192])
+    ap.add_argument("--max-chars", type=int, default=None)
+    ap.add_argument("--with-en", action="store_true", help="also: the python backend on de + en")
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.data, args.vocab[0], args.max_chars)))
+        return
+
+    print("## Training (wall time, peak RSS; ratio = / rustbpe direct in the same setting)\n")
+    print("| data | vocab | trainer | seconds | × rustbpe | peak RSS MB | × rustbpe |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    settings = [("de, first 2 MB", args.data, 2_000_000), ("de, all", args.data, None)]
+    for vocab in args.vocab:
+        for label, data, max_chars in settings:
+            base = None
+            for kind in TRAINERS:
+                r = run_worker(kind, data, vocab, max_chars)
+                base = base or r
+                print(f"| {label} | {vocab:,} | {kind} | {r['seconds']:.2f} | {r['seconds'] / base['seconds']:.2f} "
+                      f"| {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} |", flush=True)
+    if args.with_en:
+        data = [str(CORPUS / "de"), str(CORPUS / "en")]
+        base = run_worker("rustbpe (direct)", data, args.vocab[0], None)
+        r = run_worker("nanoforge python", data, args.vocab[0], None)
+        for kind, x in (("rustbpe (direct)", base), ("nanoforge python", r)):
+            print(f"| de + en | {args.vocab[0]:,} | {kind} | {x['seconds']:.2f} | {x['seconds'] / base['seconds']:.2f} "
+                  f"| {x['peak_rss_mb']:.0f} | {x['peak_rss_mb'] / base['peak_rss_mb']:.2f} |", flush=True)
+
+    print(f"\n## Encode throughput on {', '.join(args.data)} (vocab {args.vocab[0]:,}, best of 3)\n")
+    print("| engine | single MB/s | × tiktoken | batch MB/s | × tiktoken |")
+    print("|---|---:|---:|---:|---:|")
+    rows = encode_bench(args.data, args.vocab[0])
+    tk = next(r for r in rows if r[0].startswith("tiktoken"))
+    for name, s, b in rows:
+        print(f"| {name} | {s:.1f} | {s / tk[1]:.2f} | {b:.1f} | {b / tk[2]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
