@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _data_helpers import ByteTokenizer, make_corpus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from _data_helpers import ByteTokenizer, make_corpus
 
 from nanoforge.data import shards
 from nanoforge.data.loader import TokenLoader

@@ -86,9 +86,10 @@ def write_report(runner: Any, cfg: Any, data: str | None) -> dict[str, Any]:
                                        + ([["Avg", _num(summary["tasks_avg"])]] if "tasks_avg" in summary else [])),
            "", "## Samples (greedy)", ""]
     for s in ev.get("samples", []):
-        md += [f"- **{_md_escape(s['prompt'])}**{_md_escape(s['completion'])}"]
+        md += [f"- **{_md_escape(s['prompt'])}** → {_md_escape(s['completion'])}"]
     md += ["", "## Time per stage", "", _table(["stage", "seconds", ""], [
-        [n, f"{s:.1f}", "skipped (up to date)" if skipped else ""] for n, s, skipped in stage_rows]
+        [n, f"{s:.1f}", "up to date: skipped (seconds when it was made)" if skipped else ""]
+        for n, s, skipped in stage_rows]
         + [["total (this invocation)", f"{total:.1f}", ""]]), "",
         "## Disk used", "", _table(["what", "path", "size"], disk_rows(r, run_dir)), "",
         "## Try it", "", "```", try_cmd, "```", ""]
@@ -211,6 +212,9 @@ def disk_rows(r: dict[str, Any], run_dir: Path) -> list[list[str]]:
     rows = []
     total = 0
     for what, path in items:
+        if not path:
+            rows.append([what, "not made", ""])
+            continue
         paths = path if isinstance(path, list) else [path]
         size = sum(du(p) for p in paths if p)
         total += size

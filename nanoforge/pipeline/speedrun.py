@@ -83,10 +83,8 @@ def _run_stages(runner: StageRunner, cfg: RunConfig, data: str | None) -> dict[s
         return {"rank": runner.rank, "checkpoint": train_res.result.get("checkpoint_dir")}
 
     runner.stage("eval", {"pretrain": train_res.fingerprint, "eval": sections["eval"], "run": run},
-                            lambda fp: _stage_eval(runner, cfg, train_res.result, tokens, tokenizer_path))
-
-    runner.stage("export", {"pretrain": train_res.fingerprint},
-                              lambda fp: _stage_export(train_res.result, fp))
+                 lambda fp: _stage_eval(runner, cfg, train_res.result, tokens, tokenizer_path))
+    runner.stage("export", {"pretrain": train_res.fingerprint}, lambda fp: _stage_export(train_res.result, fp))
 
     from nanoforge.pipeline.report import write_report
 

@@ -117,15 +117,16 @@ def train_bpe(chunk_counts: dict[str, int], num_merges: int) -> list[tuple[int, 
         npget = new_pairs.get
         for wi in where.pop(pair):
             w = words[wi]
-            try:
-                i = w.index(a)
-            except ValueError:
+            k = w.count(a)  # occurrences of `a` left to look at (no exceptions in the hot loop)
+            if not k:
                 continue
             n = len(w)
             c = counts[wi]
             out = None
-            start = 0
-            while True:
+            start = pos = 0
+            while k:
+                i = w.index(a, pos)
+                k -= 1
                 if i + 1 < n and w[i + 1] == b:
                     if out is None:
                         out = w[:i]
@@ -153,13 +154,11 @@ def train_bpe(chunk_counts: dict[str, int], num_merges: int) -> list[tuple[int, 
                         else:
                             s.append(wi)
                     out.append(new)
-                    start = i = i + 2
+                    if a == b:  # the `a` at i + 1 is consumed
+                        k -= 1
+                    start = pos = i + 2
                 else:
-                    i += 1
-                try:
-                    i = w.index(a, i)
-                except ValueError:
-                    break
+                    pos = i + 1
             if out is not None:
                 out.extend(w[start:])
                 words[wi] = out
