@@ -121,3 +121,8 @@ def test_html_report_inlines_images(tmp_path: Path) -> None:
     page = markdown_to_html("# T\n\n| a | b |\n|---|---|\n| **1** | `x` |\n\n![loss](plots/loss.png)\n", tmp_path)
     assert "<h1>T</h1>" in page and "<b>1</b>" in page and "<code>x</code>" in page
     assert "data:image/png;base64," in page and "plots/loss.png" not in page
+
+
+def test_speedrun_cli_refuses_malformed_hub_source(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["speedrun", "--preset", "ci", "--data", "hf:no-owner"]) == 2
+    assert "hf:OWNER/NAME" in capsys.readouterr().err

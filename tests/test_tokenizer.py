@@ -87,16 +87,39 @@ def test_special_strings_in_text_are_plain_text_unless_parsed(toks: dict[str, To
     assert sorted(tok.special_tokens.values()) == list(range(1024 - 9, 1024))
 
 
-def test_python_backend_makes_exactly_rustbpes_merges_on_real_text(slice_docs: list[str]) -> None:
+def _rustbpe_ranks(docs: list[str], vocab: int) -> dict[bytes, int]:
     import rustbpe
 
+    r = rustbpe.Tokenizer()
+    r.train_from_iterator(iter(docs), vocab, pattern=NANOCHAT_PATTERN)
+    return {bytes(b): i for b, i in r.get_mergeable_ranks()}
+
+
+@pytest.mark.parametrize(("max_chars", "vocab"), [(2_000_000, 4096),
+                                                  pytest.param(None, 8192, marks=pytest.mark.slow)])
+def test_python_backend_makes_exactly_rustbpes_merges_on_real_text(corpus_de: Path, max_chars: int | None,
+                                                                   vocab: int) -> None:
     from nanoforge.tokenizer.bpe import count_chunks, merges_to_ranks, train_bpe
 
-    r = rustbpe.Tokenizer()
-    r.train_from_iterator(iter(slice_docs), 2048, pattern=NANOCHAT_PATTERN)
-    expected = {bytes(b): i for b, i in r.get_mergeable_ranks()}
-    merges = train_bpe(count_chunks(slice_docs, NANOCHAT_PATTERN), 2048 - 256)
-    assert merges_to_ranks(merges) == expected
+    docs, n = [], 0
+    for d in iter_documents(corpus_de):
+        docs.append(d)
+        n += len(d)
+        if max_chars and n > max_chars:
+            break
+    merges = train_bpe(count_chunks(docs, NANOCHAT_PATTERN), vocab - 256)
+    assert len(merges) == vocab - 256
+    assert merges_to_ranks(merges) == _rustbpe_ranks(docs, vocab)
+
+
+@pytest.mark.parametrize("docs", [["ab cd ef gh"], ["aaaa aaa aa", "abab baba"], ["zz yy xx ww " * 3, "ba ab"],
+                                  ["\u00e4\u00f6 \u00f6\u00e4 " * 2 + "12 21 123"]])
+def test_python_backend_breaks_ties_like_rustbpe(docs: list[str]) -> None:
+    from nanoforge.tokenizer.bpe import count_chunks, merges_to_ranks, train_bpe
+
+    for vocab in (258, 262, 270):
+        ranks = merges_to_ranks(train_bpe(count_chunks(docs, NANOCHAT_PATTERN, processes=1), vocab - 256))
+        assert ranks == _rustbpe_ranks(docs, vocab), vocab
 
 
 def test_python_and_rustbpe_backends_save_identical_tokenizers(toks: dict[str, Tokenizer]) -> None:

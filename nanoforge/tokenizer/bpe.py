@@ -15,9 +15,12 @@ ints instead of tuples: smaller key = higher count, then smaller pair.
 from __future__ import annotations
 
 import heapq
-from collections import Counter
+import os
+import signal
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from multiprocessing import get_context
+from typing import Any
 
 import regex
 
@@ -25,48 +28,66 @@ _SHIFT = 20            # ids < 2**20 (a 1M vocabulary); a pair is left << 20 | r
 _MASK = (1 << _SHIFT) - 1
 _CSHIFT = 2 * _SHIFT   # heap key = -count << 40 | pair
 
-_pattern_cache: dict[str, regex.Pattern] = {}
-
-
-def _count_batch(args: tuple[str, list[str]]) -> dict[str, int]:
-    pattern, texts = args
-    pat = _pattern_cache.get(pattern)
-    if pat is None:
-        pat = _pattern_cache[pattern] = regex.compile(pattern)
-    c: Counter[str] = Counter()
+def _count_texts(pat: regex.Pattern, texts: list[str], into: Counter[str]) -> None:
     for t in texts:
-        c.update(pat.findall(t))
-    return c
+        into.update(pat.findall(t))
 
 
-def _batches(pattern: str, texts: Iterable[str], batch_chars: int) -> Iterator[tuple[str, list[str]]]:
+def _worker(pattern: str, inbox: Any, outbox: Any) -> None:
+    """Count the chunks of every batch from `inbox` until None; send the total once (few big merges)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which terminates us
+    pat = regex.compile(pattern)
+    counts: Counter[str] = Counter()
+    for texts in iter(inbox.get, None):
+        _count_texts(pat, texts, counts)
+    outbox.put(dict(counts))
+
+
+def _batches(texts: Iterable[str], batch_chars: int) -> Iterator[list[str]]:
     batch: list[str] = []
     n = 0
     for t in texts:
         batch.append(t)
         n += len(t)
         if n >= batch_chars:
-            yield pattern, batch
+            yield batch
             batch, n = [], 0
     if batch:
-        yield pattern, batch
+        yield batch
 
 
 def count_chunks(texts: Iterable[str], pattern: str, *, processes: int = 2,
-                 batch_chars: int = 1 << 20) -> Counter[str]:
-    """Count every regex chunk of every text; the splitting runs in `processes` worker processes."""
+                 batch_chars: int = 1 << 19) -> Counter[str]:
+    """Count every regex chunk of every text; the splitting runs in `processes` worker processes while
+    this one reads the documents."""
     total: Counter[str] = Counter()
-    batches = _batches(pattern, texts, batch_chars)
     if processes <= 1:
-        for b in batches:
-            total.update(_count_batch(b))
+        pat = regex.compile(pattern)
+        for b in _batches(texts, batch_chars):
+            _count_texts(pat, b, total)
         return total
-    with get_context("fork" if hasattr(__import__("os"), "fork") else "spawn").Pool(processes) as pool:
-        for i, c in enumerate(pool.imap(_count_batch, batches)):
-            if i == 0:
-                total = c
-            else:
-                total.update(c)
+    ctx = get_context("fork" if hasattr(os, "fork") else "spawn")
+    inbox, outbox = ctx.Queue(maxsize=4 * processes), ctx.Queue()
+    workers = [ctx.Process(target=_worker, args=(pattern, inbox, outbox), daemon=True) for _ in range(processes)]
+    for w in workers:
+        w.start()
+    try:
+        for b in _batches(texts, batch_chars):
+            inbox.put(b)
+        for _ in workers:
+            inbox.put(None)
+        results = sorted((outbox.get() for _ in workers), key=len, reverse=True)
+        total = Counter(results[0])
+        for r in results[1:]:
+            total.update(r)
+        for w in workers:
+            w.join()
+    finally:
+        if any(w.is_alive() for w in workers):  # interrupted: stop the workers, drop what is still queued
+            inbox.cancel_join_thread()
+            for w in workers:
+                w.terminate()
+                w.join()
     return total
 
 
@@ -82,9 +103,8 @@ def train_bpe(chunk_counts: dict[str, int], num_merges: int) -> list[tuple[int, 
 
     # Initial pair counts, and for each pair the words it occurs in (a list; a word may repeat or no longer
     # hold the pair: visiting it then finds nothing, which is cheaper than keeping sets exact).
-    pair_counts: dict[int, int] = {}
+    pair_counts: defaultdict[int, int] = defaultdict(int)
     where: dict[int, list[int]] = {}
-    get = pair_counts.get
     for wi, w in enumerate(words):
         c = counts[wi]
         for p in {x << _SHIFT | y for x, y in zip(w, w[1:])}:
@@ -95,12 +115,13 @@ def train_bpe(chunk_counts: dict[str, int], num_merges: int) -> list[tuple[int, 
                 s.append(wi)
         for x, y in zip(w, w[1:]):
             p = x << _SHIFT | y
-            pair_counts[p] = get(p, 0) + c
+            pair_counts[p] += c
     heap = [(-c << _CSHIFT) | p for p, c in pair_counts.items() if c > 0]
     heapq.heapify(heap)
 
     merges: list[tuple[int, int]] = []
     heappop, heappush = heapq.heappop, heapq.heappush
+    S = _SHIFT  # a local: the hot loop reads it millions of times
     while len(merges) < num_merges and heap:
         key = heappop(heap)
         pair = key & ((1 << _CSHIFT) - 1)
@@ -110,11 +131,11 @@ def train_bpe(chunk_counts: dict[str, int], num_merges: int) -> list[tuple[int, 
             if current > 0:
                 heappush(heap, (-current << _CSHIFT) | pair)
             continue
-        a, b = pair >> _SHIFT, pair & _MASK
+        a, b = pair >> S, pair & _MASK
         new = 256 + len(merges)
         merges.append((a, b))
-        new_pairs: dict[int, list[int]] = {}
-        npget = new_pairs.get
+        b_hi, new_hi = b << S, new << S
+        new_pairs: defaultdict[int, list[int]] = defaultdict(list)
         for wi in where.pop(pair):
             w = words[wi]
             k = w.count(a)  # occurrences of `a` left to look at (no exceptions in the hot loop)
@@ -133,26 +154,17 @@ def train_bpe(chunk_counts: dict[str, int], num_merges: int) -> list[tuple[int, 
                     else:
                         out.extend(w[start:i])
                     if out:  # left neighbour x: (x, a) -> (x, new)
-                        x = out[-1]
-                        pair_counts[x << _SHIFT | a] -= c
-                        p = x << _SHIFT | new
-                        pair_counts[p] = get(p, 0) + c
-                        s = npget(p)
-                        if s is None:
-                            new_pairs[p] = [wi]
-                        else:
-                            s.append(wi)
-                    pair_counts[pair] -= c
+                        x = out[-1] << S
+                        pair_counts[x | a] -= c
+                        p = x | new
+                        pair_counts[p] += c
+                        new_pairs[p].append(wi)
                     if i + 2 < n:  # right neighbour y: (b, y) -> (new, y)
                         y = w[i + 2]
-                        pair_counts[b << _SHIFT | y] -= c
-                        p = new << _SHIFT | y
-                        pair_counts[p] = get(p, 0) + c
-                        s = npget(p)
-                        if s is None:
-                            new_pairs[p] = [wi]
-                        else:
-                            s.append(wi)
+                        pair_counts[b_hi | y] -= c
+                        p = new_hi | y
+                        pair_counts[p] += c
+                        new_pairs[p].append(wi)
                     out.append(new)
                     if a == b:  # the `a` at i + 1 is consumed
                         k -= 1
@@ -162,6 +174,7 @@ def train_bpe(chunk_counts: dict[str, int], num_merges: int) -> list[tuple[int, 
             if out is not None:
                 out.extend(w[start:])
                 words[wi] = out
+        pair_counts[pair] = 0  # every occurrence was merged (for a == b, runs leave no (a, a) behind)
         for p, s in new_pairs.items():
             cnt = pair_counts.get(p, 0)
             if cnt > 0:

@@ -108,6 +108,8 @@ class Tokenizer:
             self._hf.no_padding()
             self._hf.no_truncation()
             self._hf_parse = HFTokenizer.from_str(hf_json)
+            self._hf_parse.no_padding()
+            self._hf_parse.no_truncation()
             self._hf.encode_special_tokens = True  # special strings are text by default
         else:
             raise TokenizerError(f"unknown tokenizer engine {self.engine!r} (expected tiktoken or hf)")
