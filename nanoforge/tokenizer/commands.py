@@ -91,14 +91,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export_hf(args: argparse.Namespace) -> int:
-    from nanoforge.home import atomic_dir
     from nanoforge.tokenizer import Tokenizer
     from nanoforge.tokenizer.hf import export_hf
 
     tok = Tokenizer.load(args.tokenizer)
-    with atomic_dir(args.out, force=True, what="export folder") as tmp:
-        export_hf(tok, tmp)
-    print(args.out)
+    print(export_hf(tok, args.out))  # each file written atomically; other files in --out are left alone
     return 0
 
 
