@@ -1,5 +1,7 @@
 """Training-step benchmark: our LLaMA vs Hugging Face `LlamaForCausalLM` of the same shape, same weights,
-same optimizer (torch AdamW), same batches, same process, fp32 on CPU. Steps alternate between the two so
+same optimizer (torch AdamW), same batches, same process, fp32 on CPU. HF's step is its forward (SDPA
+attention) plus F.cross_entropy on the logits, the same loss as `labels=` (checked equal) without the
+label-shifting copy. Steps alternate between the two so
 machine noise hits both alike; tokens/s come from the median step time, the ratio in parentheses from the
 fastest step of each (the least disturbed by other jobs on a shared machine).
 

@@ -174,3 +174,19 @@ def test_resolved_config_round_trips_through_toml(tmp_path) -> None:
     path.write_text(cfg.to_toml())
     again = load_config(path=path)
     assert again.to_dict() | {"preset": ""} == cfg.to_dict() | {"preset": ""}
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_loss_gradients_match_plain_cross_entropy(tie: bool) -> None:
+    import torch.nn.functional as F
+
+    model = random_model(tie_embeddings=tie, pad_vocab_to=64)
+    idx, tgt = torch.randint(0, 97, (3, 17)), torch.randint(0, 97, (3, 17))
+    mask = torch.rand(3, 17) > 0.3
+    model(idx, tgt, mask).backward()  # the chunked path (fp32, grad enabled)
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(idx)
+    F.cross_entropy(logits.view(-1, 97), tgt.masked_fill(~mask, -1).view(-1), ignore_index=-1).backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(fused[n], p.grad, atol=1e-5), n

@@ -247,23 +247,22 @@ def tokenizer_metrics(r: dict[str, Any]) -> dict[str, float]:
 
 
 def _task_scores(tasks: dict[str, Any], stderr: bool = False) -> dict[str, float]:
-    """{task metric: main score} (or its standard error) from run_tasks' result (per-task dicts with
-    acc_norm / acc / exact_match)."""
+    """{"task metric": main score} (or its standard error) from run_tasks' result, which has lm-eval's
+    layout: results[task]["acc,none"], ["acc_stderr,none"], ... The main metric is the first of
+    acc_norm, acc, exact_match, mc2 that the task reports."""
     scores = {}
-    per_task = tasks.get("results", tasks) if isinstance(tasks, dict) else {}
-    for name, res in (per_task or {}).items():
+    for name, res in ((tasks or {}).get("results") or {}).items():
         if not isinstance(res, dict):
             continue
-        for key in ("acc_norm", "acc", "exact_match", "mc2", "score"):
-            v = res.get(key)
-            if isinstance(v, dict):
-                v = v.get("stderr") if stderr else v.get("value")
-            elif stderr and v is not None:
-                v = res.get(f"{key}_stderr")
-            if v is not None:
-                if _finite(v):
-                    scores[f"{name} {key}"] = float(v)
-                break
+        for metric in ("acc_norm", "acc", "exact_match", "mc2"):
+            key = next((k for k in res if k.split(",")[0] == metric), None)
+            if key is None:
+                continue
+            filt = key.split(",", 1)[1] if "," in key else ""
+            v = res.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr") if stderr else res[key]
+            if _finite(v):
+                scores[f"{name} {metric}"] = float(v)
+            break
     return scores
 
 

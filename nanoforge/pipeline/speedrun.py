@@ -247,7 +247,7 @@ def _stage_eval(runner: StageRunner, cfg: RunConfig, train: dict[str, Any], toke
     bpb = evaluate_bpb(model, tokens, tok.token_bytes, batch_size=tc.device_batch_size, seq_len=tc.seq_len,
                        device=device, layout=cfg.data.layout)
     result: dict[str, Any] = {"val_bpb": float(bpb["val_bpb"]), "bpb": _jsonable(bpb)}
-    tasks = _run_demo_tasks(model, cfg, train["checkpoint_dir"], out)
+    tasks = _run_demo_tasks(model, tok, cfg, device, out)
     result["tasks"] = tasks or {}
     if tasks is None:
         result["skipped"] = "task evaluation (nanoforge.eval.tasks is not installed)"
@@ -262,17 +262,28 @@ def _stage_eval(runner: StageRunner, cfg: RunConfig, train: dict[str, Any], toke
     return result
 
 
-def _run_demo_tasks(model: Any, cfg: RunConfig, checkpoint: str, out: Path) -> dict[str, Any] | None:
-    """Bundled demo tasks (or eval.tasks) via nanoforge.eval.tasks; None when that is not installed."""
+def _run_demo_tasks(model: Any, tok: Any, cfg: RunConfig, device: str, out: Path) -> dict[str, Any] | None:
+    """eval.tasks, or else the bundled demo tasks, via nanoforge.eval's run_tasks; None when this
+    installation has no task evaluator yet."""
     task_lib = _optional("nanoforge.eval.tasks")
-    if task_lib is None:
+    if task_lib is None or not hasattr(task_lib, "run_tasks"):
         return None
-    names = list(cfg.eval.tasks) or list(getattr(task_lib, "DEMO_TASKS", []) or [])
+    names = list(cfg.eval.tasks) or demo_tasks()
     if not names:
         progress.warn("no eval.tasks configured and no bundled demo tasks: skipping the task evaluation")
         return {}
-    res = task_lib.run_tasks(checkpoint, names, limit=cfg.eval.limit or None, out=out / "tasks")
+    res = task_lib.run_tasks(model, names, tokenizer=tok, device=device, limit=cfg.eval.limit or None,
+                             out=out / "tasks.json")
     return _jsonable(res)
+
+
+def demo_tasks() -> list[str]:
+    """The bundled tasks marked as demo tasks (corpus-agnostic, tiny)."""
+    try:
+        from nanoforge.eval.taskspec import list_tasks
+    except ImportError:
+        return []
+    return [t["task"] for t in list_tasks() if "demo" in t["task"]]
 
 
 def _generate(model: Any, tok: Any, prompt: str, max_new_tokens: int) -> str:

@@ -1,0 +1,1 @@
+"""Hugging Face interoperability: export to and import from transformers' Llama format."""

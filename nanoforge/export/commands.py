@@ -1,0 +1,50 @@
+"""`nanoforge export hf` and `nanoforge import hf`: to and from transformers' LlamaForCausalLM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from nanoforge.cli import subparser
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    ex = sub.add_parser("export", help="export a checkpoint (Hugging Face Llama)")
+    esub = ex.add_subparsers(dest="export_command", metavar="<format>")
+    p = subparser(esub, "hf", "write a LlamaForCausalLM folder that transformers and lm-eval load",
+                  "nanoforge export hf checkpoints/base/demo --out exports/demo --dtype bfloat16")
+    p.add_argument("checkpoint", help="a tag folder (latest step), a model_<step>.safetensors file or a tag name")
+    p.add_argument("--out", required=True, help="the folder to write (refused if it exists, unless --force)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--tokenizer", default=None, help="override the tokenizer named in the checkpoint meta")
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_export)
+
+    im = sub.add_parser("import", help="import a model (Hugging Face Llama)")
+    isub = im.add_subparsers(dest="import_command", metavar="<format>")
+    q = subparser(isub, "hf", "import a transformers Llama folder as a nanoforge checkpoint",
+                  "nanoforge import hf ~/models/LLaMmlein_120M --tag llammlein")
+    q.add_argument("src", help="a Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
+    q.add_argument("--tag", required=True, help="checkpoint name: checkpoints/<phase>/TAG")
+    q.add_argument("--phase", default="base", choices=["base", "mid", "sft", "rl"])
+    q.add_argument("--tokenizer", default=None, help="use this nanoforge tokenizer instead of importing the folder's")
+    q.add_argument("--force", action="store_true", help="replace an existing checkpoint/tokenizer")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_import)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from nanoforge.export.hf import export_hf
+
+    out = export_hf(args.checkpoint, args.out, dtype=args.dtype, force=args.force, tokenizer=args.tokenizer)
+    print(json.dumps({"export": str(out)}) if args.json else f"exported to {out}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from nanoforge.export.hf import import_hf
+
+    dest = import_hf(args.src, args.tag, phase=args.phase, force=args.force, tokenizer=args.tokenizer)
+    print(json.dumps({"checkpoint": str(dest)}) if args.json else f"imported to {dest}")
+    return 0

@@ -1,0 +1,211 @@
+"""Export a checkpoint as a Hugging Face `LlamaForCausalLM` folder, and import one back.
+
+    export_hf("checkpoints/base/demo", "exports/demo")        # config.json, model.safetensors, tokenizer, ...
+    import_hf("exports/demo", "demo2")                        # -> checkpoints/base/demo2
+
+Our parameter names map one-to-one onto transformers' Llama (see `hf_name`), RoPE uses the same
+rotate-half layout, so no weight is permuted. config.json writes every field explicitly (transformers'
+defaults have changed between versions) and the rope settings in both the 4.x (`rope_theta`,
+`rope_scaling`) and the 5.x (`rope_parameters`) forms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoforge import home as home_mod
+from nanoforge.errors import UserError
+
+_LAYER = {
+    "attention_norm.weight": "input_layernorm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+}
+_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_name(name: str) -> str:
+    """transformers' Llama name of one of our parameters."""
+    if name in _TOP:
+        return _TOP[name]
+    m = re.match(r"layers\.(\d+)\.(.+)$", name)
+    if not m or m.group(2) not in _LAYER:
+        raise UserError(f"parameter {name} has no Llama counterpart: this model variant cannot be exported")
+    return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}"
+
+
+def our_name(name: str) -> str:
+    """Our name of a transformers Llama parameter (inverse of `hf_name`)."""
+    inv_top = {v: k for k, v in _TOP.items()}
+    if name in inv_top:
+        return inv_top[name]
+    m = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
+    inv = {v: k for k, v in _LAYER.items()}
+    if not m or m.group(2) not in inv:
+        raise UserError(f"tensor {name} is not part of a plain Llama (unsupported architecture feature)")
+    return f"layers.{m.group(1)}.{inv[m.group(2)]}"
+
+
+def llama_config(mc: Any, *, bos_id: int | None, eos_id: int | None, dtype: str) -> dict[str, Any]:
+    """config.json for `mc` (a ModelConfig), every field explicit."""
+    import transformers
+
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": mc.vocab_size, "hidden_size": mc.d_model, "intermediate_size": mc.ffn_dim,
+        "num_hidden_layers": mc.n_layers, "num_attention_heads": mc.n_heads,
+        "num_key_value_heads": mc.n_kv_heads, "head_dim": mc.head_dim,
+        "max_position_embeddings": mc.max_seq_len, "rms_norm_eps": mc.norm_eps,
+        "rope_theta": mc.rope_theta, "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": mc.rope_theta},
+        "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+        "tie_word_embeddings": bool(mc.tie_embeddings), "initializer_range": 0.02, "pretraining_tp": 1,
+        "use_cache": True, "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
+        "torch_dtype": dtype, "dtype": dtype, "transformers_version": transformers.__version__,
+    }
+
+
+def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
+              force: bool = False, tokenizer: Any = None) -> Path:
+    """Write a LlamaForCausalLM folder for `checkpoint` into `out` (atomically; refuses an existing `out`
+    unless `force`): config.json, generation_config.json, model.safetensors, tokenizer files, nanoforge.json."""
+    from safetensors.torch import save_file
+
+    from nanoforge.infer.engine import load_checkpoint
+    from nanoforge.tokenizer.hf import export_hf as export_tokenizer
+
+    if dtype not in _DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"export folder {out} already exists (use --force to replace it)")
+    model, tok, meta = load_checkpoint(checkpoint, tokenizer=tokenizer)
+    mc = model.config
+    if tok.vocab_size > mc.vocab_size:
+        raise UserError(f"tokenizer {tok.name} has {tok.vocab_size} ids but the model only {mc.vocab_size}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("rope_"):
+            continue
+        if name in ("tok_embeddings.weight", "output.weight"):
+            t = t[:mc.vocab_size]  # padded rows are never scored: Llama has exactly vocab_size rows
+        tensors[hf_name(name)] = t.detach().to(_DTYPES[dtype]).contiguous().clone()
+    config = llama_config(mc, bos_id=tok.bos_id, eos_id=tok.eos_id, dtype=dtype)
+    generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id,
+                  "do_sample": False, "max_length": mc.max_seq_len}
+    with home_mod.atomic_dir(out, force=force, what="export folder") as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        home_mod.atomic_write_json(tmp / "config.json", config)
+        home_mod.atomic_write_json(tmp / "generation_config.json", generation)
+        export_tokenizer(tok, tmp)
+        home_mod.atomic_write_json(tmp / "nanoforge.json", {
+            "source": str(checkpoint), "step": meta.get("step"), "model_config": mc.to_dict(),
+            "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint}, "dtype": dtype})
+    return out
+
+
+def _check_supported(cfg: dict[str, Any], where: Path) -> None:
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") != "llama" or (archs and archs != ["LlamaForCausalLM"]):
+        raise UserError(f"{where}: model_type {cfg.get('model_type')!r} / architectures {archs} is not a "
+                        f"LlamaForCausalLM; only Llama models can be imported")
+    problems = []
+    if cfg.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={cfg['hidden_act']}")
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            problems.append(f"{flag}=true")
+    rope = cfg.get("rope_scaling") or {}
+    params = cfg.get("rope_parameters") or {}
+    for r in (rope, params):
+        if r.get("rope_type", r.get("type", "default")) != "default":
+            problems.append(f"rope_type={r.get('rope_type', r.get('type'))}")
+    if problems:
+        raise UserError(f"{where}: unsupported Llama features {', '.join(problems)} (nanoforge's model has "
+                        f"SwiGLU/silu, no biases and plain RoPE)")
+
+
+def _config_from_hf(cfg: dict[str, Any]) -> Any:
+    from nanoforge.model import ModelConfig
+
+    heads = int(cfg["num_attention_heads"])
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+    return ModelConfig(
+        d_model=int(cfg["hidden_size"]), n_layers=int(cfg["num_hidden_layers"]), n_heads=heads,
+        n_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads), ffn_dim=int(cfg["intermediate_size"]),
+        vocab_size=int(cfg["vocab_size"]), max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
+        rope_theta=float(theta), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), pad_vocab_to=0)
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of model.safetensors or of the shards model.safetensors.index.json lists."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(home_mod.read_json(index, "safetensors index")["weight_map"].values())) \
+        if index.exists() else ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"{path} does not exist (only safetensors weights can be imported)")
+        try:
+            state.update(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+                            f"it may be corrupt or truncated") from None
+    return state
+
+
+def import_hf(src: str | os.PathLike, tag: str, *, phase: str = "base", force: bool = False,
+              tokenizer: str | None = None) -> Path:
+    """A transformers Llama folder -> checkpoints/<phase>/<tag> (step 0, weights in float32). The folder's
+    tokenizer.json is imported as tokenizers/<tag> unless `tokenizer` names an existing nanoforge tokenizer.
+    Refuses non-Llama models and Llama variants our model cannot represent."""
+    from nanoforge.model import LLaMA
+    from nanoforge.tokenizer import Tokenizer
+    from nanoforge.tokenizer.hf import import_hf as import_tokenizer
+    from nanoforge.train.checkpoint import load_weights, save_checkpoint
+
+    src = Path(src)
+    cfg = home_mod.read_json(src / "config.json", "Hugging Face config")
+    _check_supported(cfg, src)
+    mc = _config_from_hf(cfg)
+    state = read_safetensors(src)
+    ours = {our_name(k): v.to(torch.float32) for k, v in state.items() if "rotary_emb" not in k}
+    if mc.tie_embeddings:
+        ours.pop("output.weight", None)
+    dest = home_mod.checkpoint_dir(phase, tag)
+    if dest.exists() and not force:
+        raise UserError(f"checkpoint {dest} already exists (use --force to replace it)")
+    model = LLaMA(mc)
+    load_weights(model, ours, where=str(src))
+    if tokenizer is not None:
+        tok = Tokenizer.load(tokenizer)
+    else:
+        tok = Tokenizer.load(import_tokenizer(src, name=tag, force=force))
+    if tok.vocab_size > mc.vocab_size:
+        raise UserError(f"{src}: tokenizer has {tok.vocab_size} ids but the model only {mc.vocab_size}")
+    meta = {"phase": phase, "tag": tag, "model_config": mc.to_dict(), "config": None,
+            "tokenizer": {"path": str(tok.path or ""), "name": tok.name, "fingerprint": tok.fingerprint},
+            "tokens": None, "val_bpb": None, "imported_from": str(src.resolve())}
+    with home_mod.atomic_dir(dest, force=force, what="checkpoint") as tmp:
+        save_checkpoint(tmp, 0, model, None, meta)
+    return dest

@@ -1,0 +1,1 @@
+"""Inference: the generation engine (KV cache, sampling, streaming) and the `sample` command."""
