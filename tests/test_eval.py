@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 
 import pytest
-
 from _eval_helpers import make_checkpoint, make_tokenizer, write_text
+
 from nanoforge.cli import main
 from nanoforge.errors import UserError
 from nanoforge.eval import metrics as M
@@ -149,6 +149,9 @@ def test_generative_exact_match_with_stop_strings(setup: dict, monkeypatch: pyte
     assert r["exact_match,flexible-extract"] == pytest.approx(0.5)
 
 
+LIMIT = 20  # documents of demo_mc (80 log-likelihood requests): enough for distinct acc/acc_norm values
+
+
 @pytest.fixture(scope="module")
 def three_way(setup: dict) -> dict:
     """demo_mc scored by our evaluator, lm-eval on the native checkpoint (CLI) and lm-eval --model hf."""
@@ -160,12 +163,12 @@ def three_way(setup: dict) -> dict:
     root = setup["root"]
     include = root / "include"
     lm_eval_yaml(load_task("demo_mc"), include)
-    ours = run_tasks(setup["ckpt"], [include / "demo_mc.yaml"], out=root / "ours.json")
+    ours = run_tasks(setup["ckpt"], [include / "demo_mc.yaml"], out=root / "ours.json", limit=LIMIT)
     rc = main(["lm-eval", "--model", "nanoforge", "--model_args", f"checkpoint={setup['ckpt']}",
-               "--tasks", "demo_mc", "--include_path", str(include), "--output_path", str(root / "native")])
+               "--tasks", "demo_mc", "--include_path", str(include), "--limit", str(LIMIT), "--output_path", str(root / "native")])
     hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={setup['export']},dtype=float32,device=cpu",
                                  tasks=["demo_mc"], task_manager=TaskManager(include_path=str(include)),
-                                 batch_size=8)
+                                 batch_size=8, limit=LIMIT)
     (root / "hf.json").write_text(json.dumps({"results": hf["results"], "config": {"model_args": "hf-export"}},
                                              default=str))
     native_files = sorted((root / "native").rglob("results*.json"))

@@ -63,6 +63,29 @@ def test_scores_match_a_plain_forward_pass(ck) -> None:
         assert ll == pytest.approx(ref, abs=1e-4)
 
 
+def test_packed_batches_equal_one_forward_per_pair(ck) -> None:
+    """Many questions packed into one forward (context once, choices masked apart) give lm-eval's per-pair
+    log-likelihoods and greedy flags; a question longer than the window falls back to left truncation."""
+    from nanoforge.eval.packed import score_packed
+    from nanoforge.eval.scoring import _score_full, encode_pair
+    from nanoforge.infer.engine import load_checkpoint
+
+    model, tok, _ = load_checkpoint(ck["ckpt"])
+    qs = [("die Katze sieht", [" den Mond", " blau", " ein Haus und zwei Sterne"]), ("rot ", ["blau", "Erde"]),
+          ("der Hund läuft schnell und die Sonne ist", [" heiß", " kalt"]),
+          (" ".join(["Wasser"] * 300), [" Feuer", " Erde Himmel"])]  # longer than max_seq_len 256
+    requests = []
+    for ctx, conts in qs:
+        pairs = [encode_pair(tok, ctx, c) for c in conts]
+        requests.append((pairs[0][0], [c for _, c in pairs]))
+    got = score_packed(model, requests, max_batch_tokens=64)  # forces several batches
+    for (ctx, conts), scores in zip(requests, got):
+        for cont, (ll, greedy) in zip(conts, scores):
+            with torch.no_grad():
+                ref_ll, ref_greedy = _score_full(model, list(ctx), list(cont))
+            assert ll == pytest.approx(ref_ll, abs=1e-4) and greedy == ref_greedy
+
+
 # ---- metrics against hand-computed values ---------------------------------------------------------------
 def test_acc_norm_divides_by_continuation_characters() -> None:
     from nanoforge.eval.metrics import multiple_choice
@@ -100,10 +123,10 @@ def test_run_tasks_with_a_fake_scorer_gives_hand_computed_acc_acc_norm_mc2(ck, t
     fake = {"eins": [-1.0, -2.0], "zwei": [-3.0, -2.0]}
     model, tok, _ = load_checkpoint(ck["ckpt"])
 
-    def scorer(model_, pairs, *a, **k):
-        return fake["eins" if "eins" in tok.decode(pairs[0][0]) else "zwei"]
+    def scorer(model_, docs_pairs, **k):
+        return [fake["eins" if "eins" in tok.decode(pairs[0][0]) else "zwei"] for pairs in docs_pairs]
 
-    monkeypatch.setattr(T, "_score_pairs", scorer)
+    monkeypatch.setattr(T, "_score_docs", scorer)
     body = MC_BODY.replace("  - metric: acc_norm\n", "  - metric: acc_norm\n  - metric: mc2\nmc2_labels: labels\n")
     path = write_task(tmp_path, "fake_mc", docs, body)
     r = T.run_tasks(model, [path], tokenizer=tok)["results"]["fake_mc"]
@@ -114,45 +137,59 @@ def test_run_tasks_with_a_fake_scorer_gives_hand_computed_acc_acc_norm_mc2(ck, t
     assert r["acc_norm_stderr,none"] == pytest.approx(0.5)  # sample std of [1, 0] is 1/sqrt(2), / sqrt(2)
 
 
-# ---- generative -----------------------------------------------------------------------------------------
-def test_generative_exact_match_cuts_at_stop_strings_then_extracts(ck, tmp_path, monkeypatch) -> None:
-    import nanoforge.infer.engine as engine
+def test_encode_pair_equals_lm_eval_hf_on_the_exported_tokenizer(ck) -> None:
+    """lm-eval's own `_encode_pair` with the HF tokenizer export (BOS from its post-processor, as
+    `--model hf` encodes) gives exactly our context/continuation ids."""
+    from lm_eval.api.model import TemplateLM
+    from transformers import AutoTokenizer
+
+    from nanoforge.eval.scoring import encode_pair
+    from nanoforge.tokenizer import Tokenizer
+
+    ours = Tokenizer.load(ck["tok"])
+    hf = AutoTokenizer.from_pretrained(str(Path(ck["tok"]) / "hf"))
+
+    class HFLike:  # what lm-eval's HFLM.tok_encode does for a causal model with add_bos_token unset
+        backend = "causal"
+
+        def tok_encode(self, string: str, **kw) -> list[int]:
+            return hf.encode(string)
+
+    for ctx, cont in [("der Hund ist ", "rot"), ("Frage: grün\n\n", " Antwort"), ("Katze", " läuft schnell."),
+                      ("zwei  drei\t", "vier fünf")]:
+        assert encode_pair(ours, ctx, cont) == TemplateLM._encode_pair(HFLike(), ctx, cont), (ctx, cont)
+
+
+# ---- lm-eval Python API and comparison tables -----------------------------------------------------------
+def test_evaluate_with_lm_eval_takes_a_model_object(ck, tmp_path) -> None:
+    from nanoforge.eval.lm_adapter import evaluate_with_lm_eval
     from nanoforge.eval.tasks import run_tasks
+    from nanoforge.eval.taskspec import lm_eval_yaml, load_task
+    from nanoforge.infer.engine import load_checkpoint
 
-    docs = [{"question": "1+1", "answer": "#### 2"}, {"question": "2+2", "answer": "#### 4"},
-            {"question": "3+3", "answer": "#### 6"}]
-    outputs = {"1+1": " zwei #### 2\n\nFrage: 9 #### 9", "2+2": " #### 5 und dann\n\n#### 4",
-               "3+3": " das ist 6 Frage: #### 6"}
+    model, tok, _ = load_checkpoint(ck["ckpt"])
+    include = tmp_path / "include"
+    lm_eval_yaml(load_task("demo_mc"), include)
+    theirs = evaluate_with_lm_eval(model, ["demo_mc"], tokenizer=tok, include_path=include, limit=5)
+    ours = run_tasks(model, ["demo_mc"], tokenizer=tok, limit=5)
+    for key in ("acc,none", "acc_norm,none"):
+        assert theirs["results"]["demo_mc"][key] == pytest.approx(ours["results"]["demo_mc"][key], abs=1e-6)
 
-    def fake_generate(model, tokenizer, prompt, **kw):
-        text = tokenizer.decode(prompt) if not isinstance(prompt, str) else prompt
-        return next(v for k, v in outputs.items() if k in text)
 
-    monkeypatch.setattr(engine, "generate", fake_generate)
-    body = ("output_type: generate_until\ndoc_to_text: \"Frage: {{question}}\\nAntwort:\"\n"
-            "doc_to_target: \"{{answer.split('####')[-1].strip()}}\"\n"
-            "generation_kwargs:\n  until: [\"\\n\\n\", \"Frage:\"]\n  max_gen_toks: 8\n"
-            "metric_list:\n  - metric: exact_match\n"
-            "filter_list:\n  - name: strict-match\n    filter:\n      - function: regex\n"
-            "        regex_pattern: \"#### (\\\\-?[0-9\\\\.\\\\,]+)\"\n      - function: take_first\n"
-            "  - name: flexible\n    filter:\n      - function: regex\n        group_select: -1\n"
-            "        regex_pattern: \"(-?[0-9]+)\"\n")
-    path = write_task(tmp_path, "fake_gen", docs, body)
-    r = run_tasks(ck["ckpt"], [path])["results"]["fake_gen"]
-    # strict: doc1 "2" ok (the 9 after the stop is cut), doc2 "5" wrong, doc3 nothing before "Frage:" -> invalid
-    assert r["exact_match,strict-match"] == pytest.approx(1 / 3)
-    # flexible (last number): "2" ok, "5" wrong, "6" ok
-    assert r["exact_match,flexible"] == pytest.approx(2 / 3)
+def test_compare_skips_lm_eval_bookkeeping_and_ranks_lower_is_better() -> None:
+    from nanoforge.eval.compare import compare_results
+
+    a = {"name": "a", "results": {"t": {"alias": "t", "acc,none": 0.6, "acc_stderr,none": 0.01,
+                                        "sample_len": 100, "bits_per_byte,none": 1.2}}}
+    b = {"name": "b", "results": {"t": {"alias": "t", "acc,none": 0.4, "acc_stderr,none": 0.01,
+                                        "sample_len": 100, "bits_per_byte,none": 1.0}}}
+    md = compare_results([a, b])
+    header, _, row_a, row_b = md.splitlines()[:4]
+    assert "sample_len" not in header and "t acc" in header and "t bits_per_byte" in header
+    assert "**60.00**" in row_a and "**1.00**" in row_b and "| 1.20 |" in row_a  # lower bpb is better, unscaled
 
 
 # ---- bundled and demo tasks -----------------------------------------------------------------------------
-def test_list_shows_bundled_and_demo_tasks(capsys) -> None:
-    assert main(["eval", "tasks", "--list", "--json"]) == 0
-    names = {t["task"] for t in json.loads(capsys.readouterr().out)}
-    assert {"demo_mc", "demo_gen", "arc_de", "hellaswag_de", "m_mmlu_de", "truthfulqa_de_mc1",
-            "truthfulqa_de_mc2"} <= names
-
-
 def test_demo_tasks_run_from_the_cli_and_write_results(ck, tmp_path, capsys) -> None:
     out = tmp_path / "r.json"
     assert main(["eval", "tasks", str(ck["ckpt"]), "--tasks", "demo_mc", "demo_gen", "--limit", "6",
@@ -174,30 +211,7 @@ def test_bundled_task_without_data_says_where_to_put_it(ck, tmp_path, monkeypatc
         run_tasks(ck["ckpt"], ["arc_de"], limit=1)
 
 
-def test_bundled_german_prompts_render_like_lm_eval(tmp_path) -> None:
-    """Our arc_de template renders the okapi prompt lm-eval's own m_arc task uses."""
-    from nanoforge.eval.taskspec import load_task
-
-    spec = load_task("arc_de")
-    doc = {"instruction": "Was  ist [title] rot?", "option_a": "A1", "option_b": "B1 ", "option_c": "C1",
-           "option_d": "D1", "option_e": "", "answer": "B", "id": "x"}
-    assert spec.doc_to_text(doc) == "Question: Was ist. rot?\nAnswer:"
-    assert spec.doc_to_choice(doc) == ["A1", "B1", "C1", "D1"]
-    assert spec.gold_index(doc, spec.doc_to_choice(doc)) == 1
-
-
 # ---- bad input: one line, exit 2 -------------------------------------------------------------------------
-def test_missing_field_names_field_and_line(ck, tmp_path, capsys) -> None:
-    path = tmp_path / "broken.yaml"
-    path.write_text("# comment\ntask: broken\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-                    "    test: x.jsonl\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: q\n"
-                    "doc_to_choice: choices\n", encoding="utf-8")
-    assert main(["eval", "tasks", str(ck["ckpt"]), "--tasks", str(path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert "doc_to_target" in err and "line" in err and "broken.yaml" in err
-
-
 def test_missing_data_file_is_one_line(ck, tmp_path, capsys) -> None:
     path = write_task(tmp_path, "nodata", [], MC_BODY, data=str(tmp_path / "absent.jsonl"))
     assert main(["eval", "tasks", str(ck["ckpt"]), "--tasks", str(path)]) == 2
@@ -211,10 +225,3 @@ def test_unknown_task_name_lists_bundled(ck, capsys) -> None:
     assert "no_such_task" in err and "demo_mc" in err
 
 
-def test_bpb_refuses_token_shards_of_another_tokenizer(ck, tmp_path, capsys) -> None:
-    shards = tmp_path / "tokens"
-    shards.mkdir()
-    (shards / "meta.json").write_text(json.dumps({"tokenizer_fingerprint": "not-the-same", "vocab_size": 512}))
-    assert main(["eval", "bpb", str(ck["ckpt"]), "--tokens", str(shards)]) == 2
-    err = capsys.readouterr().err
-    assert "not-the-same" in err and len(err.strip().splitlines()) == 1

@@ -8,12 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _eval_helpers import make_checkpoint, make_tokenizer
+
 from nanoforge.cli import main
 from nanoforge.errors import UserError
 from nanoforge.export.hf import export_hf, import_hf
 from nanoforge.infer.engine import generate_ids, load_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning
+    barriers make each matmul ~100x slower; restore the setting for the other modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +31,33 @@ def tok_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
+def train_briefly(ckpt: Path, steps: int = 30) -> Path:
+    """A few AdamW steps on the tokenizer's own text, saved as the checkpoint's latest step: parity is
+    checked on a trained model, not only on random weights."""
+    from nanoforge.train.checkpoint import save_checkpoint
+
+    model, tok, meta = load_checkpoint(ckpt)
+    text = (Path(meta["tokenizer"]["path"]).parent / "text" / "docs.txt").read_text(encoding="utf-8")
+    ids = torch.tensor(tok.encode(text, bos=True))
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (8,), generator=gen)
+        x = torch.stack([ids[i:i + 64] for i in starts])
+        y = torch.stack([ids[i + 1:i + 65] for i in starts])
+        opt.zero_grad()
+        model(x, y).backward()
+        opt.step()
+    save_checkpoint(ckpt, meta["step"] + steps, model, None, meta)
+    return ckpt
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory, tok_path: Path) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("export")
-    ckpt = make_checkpoint(root, tok_path, pad_vocab_to=64)  # padded rows are dropped in the export
-    return ckpt, export_hf(ckpt, root / "hf")
+    ckpt = make_checkpoint(root, tok_path, pad_vocab_to=100)  # 402 -> 500 rows; padding is dropped in the export
+    return train_briefly(ckpt), export_hf(ckpt, root / "hf")
 
 
 def _hf(folder: Path):
@@ -62,8 +94,16 @@ def test_export_config_is_explicit_and_tokenizer_matches(exported: tuple) -> Non
                 "max_position_embeddings", "hidden_act", "attention_bias", "mlp_bias", "torch_dtype"):
         assert key in cfg, key
     assert cfg["num_key_value_heads"] == 2 and cfg["architectures"] == ["LlamaForCausalLM"]
+    assert cfg["rope_parameters"] == {"rope_type": "default", "rope_theta": cfg["rope_theta"]}
     gen = json.loads((out / "generation_config.json").read_text())
-    _, tok, _ = load_checkpoint(ckpt)
+    model, tok, _ = load_checkpoint(ckpt)
+    assert model.config.padded_vocab_size > tok.vocab_size == cfg["vocab_size"]
+    assert cfg["tie_word_embeddings"] is False
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # padding rows dropped
+        assert f.get_slice("model.embed_tokens.weight").get_shape() == [tok.vocab_size, 64]
+        assert f.get_slice("lm_head.weight").get_shape() == [tok.vocab_size, 64]
     assert gen["bos_token_id"] == tok.bos_id == cfg["bos_token_id"]
     text = "die Sonne ist groß und der Mond ist klein"
     assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == tok.encode(text, bos=True)
@@ -144,3 +184,27 @@ def test_corrupt_safetensors_is_one_line_exit_2(tmp_path: Path, exported: tuple,
     assert main(["import", "hf", str(src), "--tag", "broken"]) == 2
     err = capsys.readouterr().err
     assert "model.safetensors" in err and err.count("\n") == 1
+
+
+def test_export_defaults_to_home_exports_tag(tok_path: Path, nanoforge_home: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    make_checkpoint(nanoforge_home / "checkpoints" / "base", tok_path, name="demo")
+    assert main(["export", "hf", "demo", "--json"]) == 0  # a bare tag name means checkpoints/<phase>/<tag>
+    info = json.loads(capsys.readouterr().out)
+    assert info["export"] == str(nanoforge_home / "exports" / "demo") and info["step"] == 10
+    assert (nanoforge_home / "exports" / "demo" / "model.safetensors").is_file()
+
+
+def test_import_without_tokenizer_files_records_none(tmp_path: Path, exported: tuple, tok_path: Path) -> None:
+    _, out = exported
+    src = tmp_path / "weights_only"
+    src.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (src / name).write_bytes((out / name).read_bytes())
+    ckpt = import_hf(src, "bare")
+    meta = json.loads(next(ckpt.glob("meta_*.json")).read_text())
+    assert meta["tokenizer"] is None and meta["imported_from"] == str(src.resolve())
+    with pytest.raises(UserError, match="--tokenizer"):
+        load_checkpoint(ckpt)
+    model, tok, _ = load_checkpoint(ckpt, tokenizer=str(tok_path))
+    assert model.config.vocab_size == tok.vocab_size and model.config.pad_vocab_to == 0

@@ -3,14 +3,27 @@ stop strings cut, streaming pieces add up to the text, `nanoforge sample` prints
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-
 from _eval_helpers import make_checkpoint, make_tokenizer
+
 from nanoforge.cli import main
+from nanoforge.errors import UserError
 from nanoforge.infer.engine import generate, generate_ids, load_checkpoint, stream
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning
+    barriers make each matmul ~100x slower; restore the setting for the other modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +81,38 @@ def test_sample_missing_checkpoint_is_one_line_exit_2(tmp_path: Path, capsys: py
     assert main(["sample", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_generation_stops_at_bos_eos(loaded: tuple) -> None:
+    _, model, tok = loaded
+    ids = tok.encode("der Hund", bos=True)
+    bump = torch.zeros(model.config.vocab_size)
+    bump[tok.bos_id] = 1e4  # make "start the next document" the only choice
+
+    logits = model.logits
+    model.logits = lambda h: logits(h) + bump
+    try:
+        assert list(generate_ids(model, ids, max_new_tokens=3)) == [tok.bos_id] * 3
+        assert generate(model, tok, "der Hund", max_new_tokens=3) == ""
+    finally:
+        del model.logits
+
+
+def test_bad_prompts_are_user_errors(loaded: tuple) -> None:
+    _, model, tok = loaded
+    with pytest.raises(UserError, match="empty"):
+        generate(model, tok, [], max_new_tokens=2)
+    with pytest.raises(UserError, match="token ids"):
+        list(generate_ids(model, [model.config.vocab_size], max_new_tokens=2))
+
+
+def test_sample_json_with_bare_tag(loaded: tuple, nanoforge_home: Path, capsys: pytest.CaptureFixture) -> None:
+    ckpt, model, tok = loaded
+    dest = nanoforge_home / "checkpoints" / "base" / "demo"
+    shutil.copytree(ckpt, dest)
+    args = ["sample", "demo", "--prompt", "die Sonne", "--max-new-tokens", "6", "--temperature", "0.8",
+            "--top-k", "20", "--seed", "7", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"prompt": "die Sonne", "completion": generate(model, tok, "die Sonne", max_new_tokens=6,
+                                                                 temperature=0.8, top_k=20, seed=7)}

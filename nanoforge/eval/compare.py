@@ -18,6 +18,15 @@ from nanoforge.errors import UserError
 from nanoforge.home import read_json
 
 FORMATS = ("md", "tex", "csv")
+# lm-eval puts bookkeeping numbers beside the metrics; these are not scores
+NOT_METRICS = {"sample_len", "sample_count", "samples", "effective", "original", "num_fewshot"}
+# losses and perplexities: smaller is better, shown as they are (not as percent), left out of Avg
+LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "bpb", "val_bpb", "loss",
+                   "ter"}
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric in LOWER_IS_BETTER or "perplexity" in metric
 
 
 def _load(item: Any) -> tuple[str, dict[str, Any]]:
@@ -53,6 +62,8 @@ def collect(items: list[Any], metrics: list[str] | None = None) -> tuple[list[st
                 if not isinstance(v, (int, float)) or "_stderr" in key or isinstance(v, bool):
                     continue
                 metric, _, filt = key.partition(",")
+                if metric in NOT_METRICS or (not filt and f"{metric},none" in vals):
+                    continue  # bookkeeping, or an old-style alias of the same value
                 if metrics and metric not in metrics:
                     continue
                 col = f"{task} {metric}" + (f" ({filt})" if filt and filt != "none" else "")
@@ -70,8 +81,9 @@ def collect(items: list[Any], metrics: list[str] | None = None) -> tuple[list[st
 
 def compare_results(items: list[str | os.PathLike | dict[str, Any]], *, fmt: str = "md", stderr: bool = False,
                     metrics: list[str] | None = None, names: list[str] | None = None, scale: float = 100.0) -> str:
-    """The table as markdown, LaTeX or CSV. Values are multiplied by `scale` (percent by default); Avg is the
-    mean over the columns a row has all of (blank otherwise)."""
+    """The table as markdown, LaTeX or CSV. Scores are multiplied by `scale` (percent by default); losses and
+    perplexities (lower is better: best is the smallest) are shown unscaled. Avg is the mean over the
+    higher-is-better columns, for rows that have all of them (blank otherwise)."""
     if fmt not in FORMATS:
         raise UserError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     labels, columns, rows = collect(list(items), metrics)
@@ -79,25 +91,30 @@ def compare_results(items: list[str | os.PathLike | dict[str, Any]], *, fmt: str
         if len(names) != len(labels):
             raise UserError(f"--names gives {len(names)} names for {len(labels)} results")
         labels = list(names)
+    lower = {c: lower_is_better(c.split(" ")[1]) for c in columns}
+    lower["Avg"] = False
+    scored = [c for c in columns if not lower[c]]
     for row in rows:
-        vals = [row[c][0] for c in columns if c in row]
-        row["Avg"] = (sum(vals) / len(vals), float("nan")) if len(vals) == len(columns) else None
+        vals = [row[c][0] for c in scored if c in row]
+        row["Avg"] = (sum(vals) / len(vals), float("nan")) if scored and len(vals) == len(scored) else None
     cols = columns + ["Avg"]
-    best = {c: max((r[c][0] for r in rows if r.get(c)), default=None) for c in cols}
+    sc = {c: 1.0 if lower[c] else scale for c in cols}
+    pick = {c: min if lower[c] else max for c in cols}
+    best = {c: pick[c]((r[c][0] for r in rows if r.get(c)), default=None) for c in cols}
     best_se = {c: next((r[c][1] for r in rows if r.get(c) and r[c][0] == best[c]), float("nan")) for c in cols}
 
     def cell(row: dict[str, Any], c: str, bold: tuple[str, str]) -> str:
         v = row.get(c)
         if not v:
             return ""
-        text = f"{v[0] * scale:.2f}"
+        text = f"{v[0] * sc[c]:.2f}"
         if stderr and not math.isnan(v[1]):
-            text += (" ± " if fmt != "tex" else " $\\pm$ ") + f"{v[1] * scale:.2f}"
+            text += (" ± " if fmt != "tex" else " $\\pm$ ") + f"{v[1] * sc[c]:.2f}"
         if fmt == "csv":
             return text
         if v[0] == best[c] and len(rows) > 1:
             text = f"{bold[0]}{text}{bold[1]}"
-        elif not math.isnan(best_se[c]) and best[c] - v[0] <= max(best_se[c], v[1] if not math.isnan(v[1]) else 0):
+        elif not math.isnan(best_se[c]) and abs(best[c] - v[0]) <= max(best_se[c], 0 if math.isnan(v[1]) else v[1]):
             text += "†" if fmt == "md" else "$^\\dagger$"
         return text
 
@@ -106,8 +123,8 @@ def compare_results(items: list[str | os.PathLike | dict[str, Any]], *, fmt: str
         w = csv.writer(buf)
         w.writerow(["model", *cols] + ([f"{c} stderr" for c in columns] if stderr else []))
         for label, row in zip(labels, rows):
-            w.writerow([label] + [f"{row[c][0] * scale:.4f}" if row.get(c) else "" for c in cols]
-                       + ([f"{row[c][1] * scale:.4f}" if row.get(c) else "" for c in columns] if stderr else []))
+            w.writerow([label] + [f"{row[c][0] * sc[c]:.4f}" if row.get(c) else "" for c in cols]
+                       + ([f"{row[c][1] * sc[c]:.4f}" if row.get(c) else "" for c in columns] if stderr else []))
         return buf.getvalue()
     if fmt == "md":
         lines = ["| Model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]

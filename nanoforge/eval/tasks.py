@@ -20,7 +20,7 @@ from nanoforge import home as home_mod
 from nanoforge import progress
 from nanoforge.errors import UserError
 from nanoforge.eval import metrics as M
-from nanoforge.eval.scoring import encode_pair, score_group
+from nanoforge.eval.scoring import encode_pair
 from nanoforge.eval.taskspec import TaskError, TaskSpec, load_task
 
 
@@ -51,11 +51,10 @@ def evaluate_multiple_choice(model: Any, tokenizer: Any, spec: TaskSpec, docs: l
         pairs = [encode_pair(tokenizer, ctx, delim + c) for c in choices]
         # one context per document unless trailing-space moves changed it (then score each separately)
         groups.append((doc, choices, pairs))
-    order = sorted(range(len(groups)), key=lambda i: -max(len(a) + len(b) for a, b in groups[i][2]))
+    all_lls = _score_docs(model, [pairs for _, _, pairs in groups], desc=spec.name)
     values: dict[str, list[float]] = {m: [0.0] * len(groups) for m in ("acc", "acc_norm", "mc2")}
-    for i in progress.bar(order, desc=spec.name, unit="doc"):
-        doc, choices, pairs = groups[i]
-        lls = _score_pairs(model, pairs)
+    for i, (doc, choices, _) in enumerate(groups):
+        lls = all_lls[i]
         if want_mc2:
             labels_spec = spec.config.get("mc2_labels", "mc2_targets_labels")
             labels = doc[labels_spec] if labels_spec in doc else spec._field("mc2_labels", doc)
@@ -65,15 +64,30 @@ def evaluate_multiple_choice(model: Any, tokenizer: Any, spec: TaskSpec, docs: l
     return {m: v for m, v in values.items() if m in spec.metrics}
 
 
-def _score_pairs(model: Any, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-    by_ctx: dict[tuple[int, ...], list[int]] = {}
-    for j, (ctx, _) in enumerate(pairs):
-        by_ctx.setdefault(tuple(ctx), []).append(j)
-    lls = [0.0] * len(pairs)
-    for ctx, idx in by_ctx.items():
-        for j, (ll, _) in zip(idx, score_group(model, ctx, [pairs[j][1] for j in idx])):
-            lls[j] = ll
-    return lls
+def _score_docs(model: Any, docs_pairs: list[list[tuple[list[int], list[int]]]], *, desc: str = "score",
+                chunk: int = 256) -> list[list[float]]:
+    """Summed log-likelihood of every (context, continuation) pair of every document: the choices sharing
+    a context are packed into one row with it (nanoforge.eval.packed), many documents per forward."""
+    from nanoforge.eval.packed import score_packed
+
+    requests, owners = [], []
+    for d, pairs in enumerate(docs_pairs):
+        by_ctx: dict[tuple[int, ...], list[int]] = {}
+        for j, (ctx, _) in enumerate(pairs):
+            by_ctx.setdefault(tuple(ctx), []).append(j)
+        for ctx, idx in by_ctx.items():
+            requests.append((list(ctx), [pairs[j][1] for j in idx]))
+            owners.append((d, idx))
+    out = [[0.0] * len(pairs) for pairs in docs_pairs]
+    with progress.bar(total=len(docs_pairs), desc=desc, unit="doc") as pbar:
+        for start in range(0, len(requests), chunk):
+            part = range(start, min(start + chunk, len(requests)))
+            for r, scores in zip(part, score_packed(model, [requests[r] for r in part])):
+                d, idx = owners[r]
+                for j, (ll, _) in zip(idx, scores):
+                    out[d][j] = ll
+            pbar.update(len({owners[r][0] for r in part}))
+    return out
 
 
 def evaluate_generative(model: Any, tokenizer: Any, spec: TaskSpec, docs: list[dict[str, Any]],

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = subparser(esub, "hf", "write a LlamaForCausalLM folder that transformers and lm-eval load",
                   "nanoforge export hf checkpoints/base/demo --out exports/demo --dtype bfloat16")
     p.add_argument("checkpoint", help="a tag folder (latest step), a model_<step>.safetensors file or a tag name")
-    p.add_argument("--out", required=True, help="the folder to write (refused if it exists, unless --force)")
+    p.add_argument("--out", default=None,
+                   help="the folder to write (default $NANOFORGE_HOME/exports/<tag>; refused if it exists, unless --force)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--tokenizer", default=None, help="override the tokenizer named in the checkpoint meta")
     p.add_argument("--force", action="store_true", help="replace an existing folder")
@@ -38,7 +39,11 @@ def _export(args: argparse.Namespace) -> int:
     from nanoforge.export.hf import export_hf
 
     out = export_hf(args.checkpoint, args.out, dtype=args.dtype, force=args.force, tokenizer=args.tokenizer)
-    print(json.dumps({"export": str(out)}) if args.json else f"exported to {out}")
+    info = json.loads((out / "nanoforge.json").read_text(encoding="utf-8"))
+    if args.json:
+        print(json.dumps({"export": str(out), "source": info["source"], "step": info["step"], "dtype": args.dtype}))
+    else:
+        print(f"exported {info['source']} step {info['step']} to {out} (LlamaForCausalLM, {args.dtype})")
     return 0
 
 
@@ -46,5 +51,9 @@ def _import(args: argparse.Namespace) -> int:
     from nanoforge.export.hf import import_hf
 
     dest = import_hf(args.src, args.tag, phase=args.phase, force=args.force, tokenizer=args.tokenizer)
-    print(json.dumps({"checkpoint": str(dest)}) if args.json else f"imported to {dest}")
+    tok = (json.loads(next(dest.glob("meta_*.json")).read_text(encoding="utf-8")).get("tokenizer") or {}).get("path")
+    if args.json:
+        print(json.dumps({"checkpoint": str(dest), "tokenizer": tok}))
+    else:
+        print(f"imported {args.src} to {dest} (tokenizer: {tok or 'none, pass --tokenizer when using it'})")
     return 0

@@ -11,7 +11,6 @@ defaults have changed between versions) and the rope settings in both the 4.x (`
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from nanoforge import home as home_mod
+from nanoforge import progress
 from nanoforge.errors import UserError
 
 _LAYER = {
@@ -79,24 +79,29 @@ def llama_config(mc: Any, *, bos_id: int | None, eos_id: int | None, dtype: str)
     }
 
 
-def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
+def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike | None, *, dtype: str = "float32",
               force: bool = False, tokenizer: Any = None) -> Path:
-    """Write a LlamaForCausalLM folder for `checkpoint` into `out` (atomically; refuses an existing `out`
-    unless `force`): config.json, generation_config.json, model.safetensors, tokenizer files, nanoforge.json."""
+    """Write a LlamaForCausalLM folder for `checkpoint` into `out` (None: $NANOFORGE_HOME/exports/<tag>),
+    atomically: config.json, generation_config.json, model.safetensors, tokenizer files, nanoforge.json.
+    Returns the folder. Refuses an existing `out` unless `force`, and a model Llama cannot represent.
+    Vocabulary padding rows (`pad_vocab_to`) are dropped: they are never scored, Llama has vocab_size rows."""
     from safetensors.torch import save_file
 
     from nanoforge.infer.engine import load_checkpoint
     from nanoforge.tokenizer.hf import export_hf as export_tokenizer
+    from nanoforge.train.checkpoint import resolve_checkpoint
 
     if dtype not in _DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    out = Path(out)
+    folder, _ = resolve_checkpoint(checkpoint)
+    out = Path(out) if out is not None else home_mod.export_dir(folder.name)
     if out.exists() and not force:
         raise UserError(f"export folder {out} already exists (use --force to replace it)")
     model, tok, meta = load_checkpoint(checkpoint, tokenizer=tokenizer)
     mc = model.config
     if tok.vocab_size > mc.vocab_size:
-        raise UserError(f"tokenizer {tok.name} has {tok.vocab_size} ids but the model only {mc.vocab_size}")
+        raise UserError(f"tokenizer {tok.name} has {tok.vocab_size} ids but the model only {mc.vocab_size}: "
+                        f"the export would have tokens without embeddings")
     tensors: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
         if name.startswith("rope_"):
@@ -105,15 +110,16 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, dtype: s
             t = t[:mc.vocab_size]  # padded rows are never scored: Llama has exactly vocab_size rows
         tensors[hf_name(name)] = t.detach().to(_DTYPES[dtype]).contiguous().clone()
     config = llama_config(mc, bos_id=tok.bos_id, eos_id=tok.eos_id, dtype=dtype)
+    # No max_length: transformers warns on every generate(max_new_tokens=...) when both are set.
     generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id,
-                  "do_sample": False, "max_length": mc.max_seq_len}
+                  "do_sample": False}
     with home_mod.atomic_dir(out, force=force, what="export folder") as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         home_mod.atomic_write_json(tmp / "config.json", config)
         home_mod.atomic_write_json(tmp / "generation_config.json", generation)
         export_tokenizer(tok, tmp)
         home_mod.atomic_write_json(tmp / "nanoforge.json", {
-            "source": str(checkpoint), "step": meta.get("step"), "model_config": mc.to_dict(),
+            "source": str(folder.resolve()), "step": meta.get("step"), "model_config": mc.to_dict(),
             "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint}, "dtype": dtype})
     return out
 
@@ -197,15 +203,26 @@ def import_hf(src: str | os.PathLike, tag: str, *, phase: str = "base", force: b
         raise UserError(f"checkpoint {dest} already exists (use --force to replace it)")
     model = LLaMA(mc)
     load_weights(model, ours, where=str(src))
+    tok = None
     if tokenizer is not None:
         tok = Tokenizer.load(tokenizer)
+    elif (src / "tokenizer.json").is_file():
+        known = home_mod.tokenizer_dir(tag) / "hf" / "tokenizer.json"
+        if not force and known.is_file() and known.read_bytes() == (src / "tokenizer.json").read_bytes():
+            tok = Tokenizer.load(known.parent.parent)  # imported before (e.g. a re-import): reuse it
+        else:
+            tok = Tokenizer.load(import_tokenizer(src, name=tag, force=force))
     else:
-        tok = Tokenizer.load(import_tokenizer(src, name=tag, force=force))
-    if tok.vocab_size > mc.vocab_size:
+        progress.warn(f"{src} has no tokenizer.json: the checkpoint has no tokenizer; pass --tokenizer to "
+                      f"commands that use it")
+    if tok is not None and tok.vocab_size > mc.vocab_size:
         raise UserError(f"{src}: tokenizer has {tok.vocab_size} ids but the model only {mc.vocab_size}")
-    meta = {"phase": phase, "tag": tag, "model_config": mc.to_dict(), "config": None,
-            "tokenizer": {"path": str(tok.path or ""), "name": tok.name, "fingerprint": tok.fingerprint},
-            "tokens": None, "val_bpb": None, "imported_from": str(src.resolve())}
+    tok_meta = None if tok is None else {"path": str(tok.path or ""), "name": tok.name,
+                                         "fingerprint": tok.fingerprint}
+    meta = {"phase": phase, "tag": tag, "model_config": mc.to_dict(), "config": None, "tokenizer": tok_meta,
+            "tokens": None, "val_bpb": None, "imported_from": str(src.resolve()),
+            "imported_config": {k: cfg.get(k) for k in ("_name_or_path", "transformers_version", "torch_dtype",
+                                                         "dtype") if k in cfg}}
     with home_mod.atomic_dir(dest, force=force, what="checkpoint") as tmp:
         save_checkpoint(tmp, 0, model, None, meta)
     return dest

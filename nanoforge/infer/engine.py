@@ -18,8 +18,9 @@ from nanoforge.errors import UserError
 
 def _prompt_ids(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt, bos=tokenizer.bos_id is not None)
-    ids = [int(i) for i in prompt]
+        ids = tokenizer.encode(prompt, bos=tokenizer.bos_id is not None)
+    else:
+        ids = [int(i) for i in prompt]
     if not ids:
         raise UserError("the prompt is empty: give some text or token ids")
     return ids
@@ -30,7 +31,8 @@ def generate_ids(model: torch.nn.Module, prompt_ids: Sequence[int], *, max_new_t
                  temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
                  stop_ids: Sequence[int] = ()) -> Iterator[int]:
     """Yield up to `max_new_tokens` new token ids after `prompt_ids` (stops before any id in `stop_ids`).
-    One forward over the prompt fills the cache; every later step feeds a single token."""
+    One forward over the prompt fills the cache; every later step feeds a single token. A prompt longer
+    than `max_seq_len - max_new_tokens` keeps its newest tokens."""
     from nanoforge.model import KVCache
 
     if max_new_tokens < 0:
@@ -40,8 +42,13 @@ def generate_ids(model: torch.nn.Module, prompt_ids: Sequence[int], *, max_new_t
     param = next(model.parameters())
     device = param.device
     limit = model.config.max_seq_len
+    ids = [int(i) for i in prompt_ids]
+    if not ids:
+        raise UserError("the prompt is empty: give some text or token ids")
+    if min(ids) < 0 or max(ids) >= model.config.vocab_size:
+        raise UserError(f"prompt token ids must lie in [0, {model.config.vocab_size}): is this the model's tokenizer?")
     # Keep the newest tokens when the prompt is longer than the model's context.
-    ids = list(prompt_ids)[-max(1, limit - max_new_tokens):]
+    ids = ids[-max(1, limit - max_new_tokens):]
     cache = KVCache(model.config, 1, len(ids) + max_new_tokens, device=device, dtype=param.dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
     stop = set(int(i) for i in stop_ids)
@@ -76,7 +83,8 @@ def stream(model: torch.nn.Module, tokenizer: Any, prompt: str | Sequence[int], 
     """Yield the continuation of `prompt` in text pieces; ends at the end-of-text token, after
     `max_new_tokens`, or before the first stop string (which is not yielded)."""
     stops = [s for s in (stop or []) if s]
-    stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    # A base model ends a document by starting the next one: BOS (== EOS for our tokenizers) ends the text.
+    stop_ids = [i for i in (tokenizer.eos_id, tokenizer.bos_id) if i is not None]
     out: list[int] = []
     sent = ""  # text already yielded
     for tok in generate_ids(model, _prompt_ids(tokenizer, prompt), max_new_tokens=max_new_tokens,
