@@ -3,12 +3,13 @@
 
 Both read one lm-eval-style YAML (dataset_path: json, absolute data_files) with a hellaswag-shaped task
 made from the German corpus (a context of 20-60 words, 4 endings of 5-25 words). The model is the cpu-demo
-shape with random weights (scores are ~chance; speed does not depend on training). Our evaluator runs each
-question's context once and its 4 endings as one batch on a copy of the context's KV cache; lm-eval
-scores every (context, ending) pair as its own padded row, `--batch_size` rows at a time.
+shape with random weights (scores are ~chance; speed does not depend on training). Our evaluator packs each
+question into one row (context once, then the 4 endings masked apart) and many rows into one forward
+(nanoforge/eval/packed.py); lm-eval scores every (context, ending) pair as its own padded row,
+`--batch_size` rows at a time.
 
-    .venv/bin/python bench/eval.py                      # 200 questions, lm-eval batch sizes 1 and 16
-    .venv/bin/python bench/eval.py --docs 50 --batch-sizes 16
+    .venv/bin/python bench/eval.py                      # 200 questions, lm-eval batch size 16
+    .venv/bin/python bench/eval.py --docs 50 --batch-sizes 1 16    # batch 1 is ~10x slower still
 
 Prints a markdown table: examples/s (questions per second of scoring, end to end: model load + task
 build + scoring, imports excluded), the ratio to lm-eval, and acc / acc_norm of each (must be identical).
@@ -98,7 +99,7 @@ def build(root: Path, docs: list[list[str]]) -> tuple[Path, Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=200, help="questions (4 endings each)")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="lm-eval --batch_size values")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16], help="lm-eval --batch_size values")
     args = ap.parse_args()
 
     import lm_eval  # imported before timing: both sides are timed without imports

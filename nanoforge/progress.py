@@ -13,14 +13,28 @@ logger = logging.getLogger("nanoforge")
 _bars_enabled = False
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the call (tests and log tees swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def enable(bars: bool = True, level: int = logging.INFO) -> None:
     """Show log lines on stderr and progress bars (called by the CLI, not by library code)."""
     global _bars_enabled
     _bars_enabled = bars and sys.stderr.isatty()
-    if not any(getattr(h, "_nanoforge", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._nanoforge = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False

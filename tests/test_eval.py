@@ -167,7 +167,7 @@ def three_way(setup: dict) -> dict:
     rc = main(["lm-eval", "--model", "nanoforge", "--model_args", f"checkpoint={setup['ckpt']}",
                "--tasks", "demo_mc", "--include_path", str(include), "--limit", str(LIMIT), "--output_path", str(root / "native")])
     hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={setup['export']},dtype=float32,device=cpu",
-                                 tasks=["demo_mc"], task_manager=TaskManager(include_path=str(include)),
+                                 tasks=["demo_mc"], task_manager=TaskManager(include_path=str(include), include_defaults=False),
                                  batch_size=8, limit=LIMIT)
     (root / "hf.json").write_text(json.dumps({"results": hf["results"], "config": {"model_args": "hf-export"}},
                                              default=str))

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _eval_helpers import make_checkpoint, make_tokenizer
 
 from nanoforge.cli import main
 from nanoforge.errors import UserError
-
-from _eval_helpers import make_checkpoint, make_tokenizer
 
 
 @pytest.fixture(scope="module")

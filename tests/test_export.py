@@ -143,7 +143,8 @@ def test_import_random_llama_and_round_trip(tmp_path: Path, tok_path: Path) -> N
                       bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     ref = LlamaForCausalLM(cfg).eval()
     src = tmp_path / "src"
-    ref.save_pretrained(src)
+    ref.save_pretrained(src, max_shard_size="100KB")  # sharded: model.safetensors.index.json
+    assert (src / "model.safetensors.index.json").is_file()
     export_tokenizer(tok, src)
     ckpt = import_hf(src, "imported")
     model, _, meta = load_checkpoint(ckpt)
@@ -160,7 +161,8 @@ def test_import_refuses_non_llama_and_unsupported_features(tmp_path: Path, expor
     _, out = exported
     for change, needle in (({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "not a LlamaForCausalLM"),
                            ({"attention_bias": True}, "attention_bias"),
-                           ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type=linear")):
+                           ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type=linear"),
+                           ({"hidden_size": None}, "invalid value")):
         src = tmp_path / needle.split()[0].replace("=", "_")
         src.mkdir()
         for f in out.iterdir():
@@ -208,3 +210,18 @@ def test_import_without_tokenizer_files_records_none(tmp_path: Path, exported: t
         load_checkpoint(ckpt)
     model, tok, _ = load_checkpoint(ckpt, tokenizer=str(tok_path))
     assert model.config.vocab_size == tok.vocab_size and model.config.pad_vocab_to == 0
+
+
+def test_export_refuses_tokenizer_larger_than_model(tmp_path: Path, tok_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    from nanoforge.model import LLaMA, ModelConfig
+    from nanoforge.tokenizer import Tokenizer
+    from nanoforge.train.checkpoint import save_checkpoint
+
+    tok = Tokenizer.load(tok_path)
+    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16, ffn_dim=64,
+                      vocab_size=tok.vocab_size - 10, max_seq_len=64)
+    meta = {"model_config": cfg.to_dict(), "tokenizer": {"path": str(tok_path), "fingerprint": tok.fingerprint}}
+    save_checkpoint(tmp_path / "small", 1, LLaMA(cfg), None, meta)
+    assert main(["export", "hf", str(tmp_path / "small"), "--out", str(tmp_path / "out")]) == 2
+    assert "tokens without embeddings" in capsys.readouterr().err and not (tmp_path / "out").exists()

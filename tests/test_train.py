@@ -118,8 +118,7 @@ def test_evaluate_bpb_of_a_uniform_model_is_log2_vocab_per_byte(data) -> None:
 def test_sigint_mid_run_checkpoints_and_resume_is_bit_identical(data, nanoforge_home) -> None:
     args = ["--preset", "ci", "--tokens", str(data["de512"]), "--set", "train.max_steps=40",
             "--set", "train.eval_every=20", "--set", "train.save_every=15"]
-    full = _run(*args, "--tag", "full")
-    assert full.returncode == 0, full.stderr
+    assert main(["train", "base", *args, "--tag", "full"]) == 0  # in-process: one thread, like the subprocesses
     metrics = nanoforge_home / "runs" / "base-cut" / "metrics.jsonl"
     p = _cli(*args, "--tag", "cut")
     deadline = time.time() + 120
@@ -148,8 +147,7 @@ def test_two_gloo_processes_match_one_process_with_double_accumulation(data, nan
     common = ["--preset", "ci", "--tokens", str(data["de512"]), "--set", "train.total_batch_tokens=1024", *sum(
         (["--set", o] for o in FAST), [])]
     if not (nanoforge_home / "checkpoints" / "base" / "one").exists():
-        one = _run(*common, "--tag", "one")  # 1 process: 2 micro-batches of 512 tokens per step
-        assert one.returncode == 0, one.stderr
+        assert main(["train", "base", *common, "--tag", "one"]) == 0  # 1 process: 2 micro-batches per step
     two = _run(*common, "--tag", parallel, "--set", f"train.parallel={parallel}", launcher=_torchrun())
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("checkpoint:") == 1  # rank 0 reports and writes

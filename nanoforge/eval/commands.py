@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--num-fewshot", type=int, default=None)
     t.add_argument("--tokenizer", default=None, help="override the tokenizer named in the checkpoint meta")
     t.add_argument("--device", default="cpu")
+    t.add_argument("--batch-tokens", type=int, default=8192,
+                   help="padded tokens per forward when scoring multiple choice (memory vs speed)")
     t.add_argument("--out", default=None, help="write the results JSON (lm-eval's layout) here")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=_tasks)
@@ -82,7 +84,7 @@ def _tasks(args: argparse.Namespace) -> int:
     from nanoforge.eval.tasks import run_tasks
 
     report = run_tasks(args.checkpoint, args.tasks, limit=args.limit, num_fewshot=args.num_fewshot, out=args.out,
-                       tokenizer=args.tokenizer, device=args.device)
+                       tokenizer=args.tokenizer, device=args.device, batch_tokens=args.batch_tokens)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -114,6 +116,13 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _lm_eval(args: argparse.Namespace) -> int:
-    import nanoforge.eval.lm_adapter as adapter  # registers --model nanoforge
+    from nanoforge.errors import UserError
 
+    try:
+        import nanoforge.eval.lm_adapter as adapter  # registers --model nanoforge
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("lm_eval"):
+            raise
+        raise UserError("lm-evaluation-harness is not installed: pip install 'nanoforge[eval]' "
+                        "(or 'lm-eval[hf]')") from None
     return adapter.run_lm_eval_cli(list(args.lm_eval_args))

@@ -133,7 +133,10 @@ def compare_results(items: list[str | os.PathLike | dict[str, Any]], *, fmt: str
         lines.append("")
         lines.append("Best per column in bold; † = within one standard error of the best.")
         return "\n".join(lines) + "\n"
-    esc = (lambda s: s.replace("_", "\\_").replace("%", "\\%").replace("&", "\\&"))
+
+    def esc(text: str) -> str:
+        return text.replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
+
     lines = ["\\begin{tabular}{l" + "r" * len(cols) + "}", "\\toprule",
              "Model & " + " & ".join(esc(c) for c in cols) + " \\\\", "\\midrule"]
     for label, row in zip(labels, rows):

@@ -33,7 +33,8 @@ def _packed_row(ctx: Sequence[int], conts: Sequence[Sequence[int]]
         tokens += body
         pos += range(n, n + len(body))
         seg += [j + 1] * len(body)
-        where.append(([n - 1] + list(range(start, start + len(body))), list(c)))
+        # an empty continuation scores 0 (nothing predicted), as in lm-eval
+        where.append(([n - 1] + list(range(start, start + len(body))), list(c)) if len(c) else ([], []))
     return tokens, pos, seg, where
 
 
@@ -75,8 +76,11 @@ def score_packed(model: Any, requests: Sequence[Request], *, max_batch_tokens: i
     out: list[list[tuple[float, bool]] | None] = [None] * len(requests)
     rows = []
     for i, (ctx, conts) in enumerate(requests):
+        if not any(len(c) for c in conts):  # nothing to predict
+            out[i] = [(0.0, True) for _ in conts]
+            continue
         if len(ctx) + max(len(c) for c in conts) - 1 > limit:  # lm-eval truncates from the left: do the same
-            out[i] = [_score_full(model, list(ctx), list(c)) for c in conts]
+            out[i] = [_score_full(model, list(ctx), list(c)) if len(c) else (0.0, True) for c in conts]
             continue
         rows.append((i, *_packed_row(ctx, conts)))
     rows.sort(key=lambda r: -len(r[1]))
@@ -100,8 +104,9 @@ def score_packed(model: Any, requests: Sequence[Request], *, max_batch_tokens: i
                 sel_t += positions
                 targets += target
                 owner += [(i, j)] * len(positions)
-        logp = F.log_softmax(model.logits(h[torch.tensor(sel_b), torch.tensor(sel_t)]).float(), dim=-1)
-        tgt = torch.tensor(targets, device=device)
+        sel = (torch.tensor(sel_b, dtype=torch.long), torch.tensor(sel_t, dtype=torch.long))
+        logp = F.log_softmax(model.logits(h[sel]).float(), dim=-1)
+        tgt = torch.tensor(targets, dtype=torch.long, device=device)
         lls = logp.gather(1, tgt[:, None])[:, 0].tolist()
         hits = (logp.argmax(-1) == tgt).tolist()
         acc: dict[tuple[int, int], list[Any]] = {}
@@ -110,5 +115,5 @@ def score_packed(model: Any, requests: Sequence[Request], *, max_batch_tokens: i
             s[0] += ll
             s[1] = s[1] and hit
         for i, _, _, _, where in batch:
-            out[i] = [(acc[(i, j)][0], bool(acc[(i, j)][1])) for j in range(len(where))]
+            out[i] = [(float(s[0]), bool(s[1])) for s in (acc.get((i, j), (0.0, True)) for j in range(len(where)))]
     return out  # type: ignore[return-value]

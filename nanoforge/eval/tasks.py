@@ -41,7 +41,7 @@ def _model_and_tokenizer(checkpoint_or_model: Any, tokenizer: Any, device: str) 
 
 
 def evaluate_multiple_choice(model: Any, tokenizer: Any, spec: TaskSpec, docs: list[dict[str, Any]],
-                             contexts: list[str]) -> dict[str, list[float]]:
+                             contexts: list[str], *, batch_tokens: int = 8192) -> dict[str, list[float]]:
     """Per-document metric values (acc, acc_norm, and mc2 when asked for)."""
     delim = spec.config.get("target_delimiter", " ")
     want_mc2 = "mc2" in spec.metrics
@@ -51,7 +51,7 @@ def evaluate_multiple_choice(model: Any, tokenizer: Any, spec: TaskSpec, docs: l
         pairs = [encode_pair(tokenizer, ctx, delim + c) for c in choices]
         # one context per document unless trailing-space moves changed it (then score each separately)
         groups.append((doc, choices, pairs))
-    all_lls = _score_docs(model, [pairs for _, _, pairs in groups], desc=spec.name)
+    all_lls = _score_docs(model, [pairs for _, _, pairs in groups], desc=spec.name, batch_tokens=batch_tokens)
     values: dict[str, list[float]] = {m: [0.0] * len(groups) for m in ("acc", "acc_norm", "mc2")}
     for i, (doc, choices, _) in enumerate(groups):
         lls = all_lls[i]
@@ -65,7 +65,7 @@ def evaluate_multiple_choice(model: Any, tokenizer: Any, spec: TaskSpec, docs: l
 
 
 def _score_docs(model: Any, docs_pairs: list[list[tuple[list[int], list[int]]]], *, desc: str = "score",
-                chunk: int = 256) -> list[list[float]]:
+                chunk: int = 256, batch_tokens: int = 8192) -> list[list[float]]:
     """Summed log-likelihood of every (context, continuation) pair of every document: the choices sharing
     a context are packed into one row with it (nanoforge.eval.packed), many documents per forward."""
     from nanoforge.eval.packed import score_packed
@@ -82,7 +82,7 @@ def _score_docs(model: Any, docs_pairs: list[list[tuple[list[int], list[int]]]],
     with progress.bar(total=len(docs_pairs), desc=desc, unit="doc") as pbar:
         for start in range(0, len(requests), chunk):
             part = range(start, min(start + chunk, len(requests)))
-            for r, scores in zip(part, score_packed(model, [requests[r] for r in part])):
+            for r, scores in zip(part, score_packed(model, [requests[r] for r in part], max_batch_tokens=batch_tokens)):
                 d, idx = owners[r]
                 for j, (ll, _) in zip(idx, scores):
                     out[d][j] = ll
@@ -119,10 +119,11 @@ def evaluate_generative(model: Any, tokenizer: Any, spec: TaskSpec, docs: list[d
 
 def run_tasks(checkpoint_or_model: Any, tasks: Sequence[str | os.PathLike | TaskSpec], *, limit: int | None = None,
               num_fewshot: int | None = None, out: str | os.PathLike | None = None, tokenizer: Any = None,
-              device: str = "cpu") -> dict[str, Any]:
+              device: str = "cpu", batch_tokens: int = 8192) -> dict[str, Any]:
     """Evaluate a checkpoint (tag folder, model file) or a model object (pass `tokenizer`) on tasks (bundled
     names or YAML paths). Returns lm-eval's results layout: results[task]["acc,none"], "acc_stderr,none", ...,
-    plus n-samples and a `nanoforge` section with timing; written to `out` (JSON) when given."""
+    plus n-samples and a `nanoforge` section with timing; written to `out` (JSON) when given.
+    Multiple-choice questions are scored many per forward, up to `batch_tokens` (padded) tokens each."""
     specs = [t if isinstance(t, TaskSpec) else load_task(t) for t in tasks]  # bad task files fail fast
     for spec in specs:
         spec.docs()
@@ -138,7 +139,7 @@ def run_tasks(checkpoint_or_model: Any, tasks: Sequence[str | os.PathLike | Task
         contexts = spec.contexts(chosen, k)
         t0 = time.perf_counter()
         if spec.output_type == "multiple_choice":
-            values = evaluate_multiple_choice(model, tok, spec, chosen, contexts)
+            values = evaluate_multiple_choice(model, tok, spec, chosen, contexts, batch_tokens=batch_tokens)
             values = {f"{m},none": v for m, v in values.items()}
         else:
             values = evaluate_generative(model, tok, spec, chosen, contexts)

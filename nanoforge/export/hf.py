@@ -79,7 +79,7 @@ def llama_config(mc: Any, *, bos_id: int | None, eos_id: int | None, dtype: str)
     }
 
 
-def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike | None, *, dtype: str = "float32",
+def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *, dtype: str = "float32",
               force: bool = False, tokenizer: Any = None) -> Path:
     """Write a LlamaForCausalLM folder for `checkpoint` into `out` (None: $NANOFORGE_HOME/exports/<tag>),
     atomically: config.json, generation_config.json, model.safetensors, tokenizer files, nanoforge.json.
@@ -138,8 +138,9 @@ def _check_supported(cfg: dict[str, Any], where: Path) -> None:
     rope = cfg.get("rope_scaling") or {}
     params = cfg.get("rope_parameters") or {}
     for r in (rope, params):
-        if r.get("rope_type", r.get("type", "default")) != "default":
-            problems.append(f"rope_type={r.get('rope_type', r.get('type'))}")
+        kind = r.get("rope_type", r.get("type", "default"))
+        if kind != "default" and f"rope_type={kind}" not in problems:
+            problems.append(f"rope_type={kind}")
     if problems:
         raise UserError(f"{where}: unsupported Llama features {', '.join(problems)} (nanoforge's model has "
                         f"SwiGLU/silu, no biases and plain RoPE)")
@@ -193,7 +194,12 @@ def import_hf(src: str | os.PathLike, tag: str, *, phase: str = "base", force: b
     src = Path(src)
     cfg = home_mod.read_json(src / "config.json", "Hugging Face config")
     _check_supported(cfg, src)
-    mc = _config_from_hf(cfg)
+    try:
+        mc = _config_from_hf(cfg)
+    except KeyError as e:
+        raise UserError(f"{src}/config.json lacks {e.args[0]!r}, which a Llama config needs") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{src}/config.json has an invalid value ({e})") from None
     state = read_safetensors(src)
     ours = {our_name(k): v.to(torch.float32) for k, v in state.items() if "rotary_emb" not in k}
     if mc.tie_embeddings:
