@@ -224,3 +224,21 @@ def test_unknown_task_name_lists_bundled(ck, capsys) -> None:
     assert "no_such_task" in err and "demo_mc" in err
 
 
+
+
+def test_truthfulqa_and_mmlu_prompts_render_like_lm_eval_okapi() -> None:
+    from lm_eval.tasks.okapi.truthfulqa_multilingual.utils import QA_PROMPT, preprocess
+
+    from nanoforge.eval.taskspec import load_task
+
+    doc = {"question": " Wer  war [x] Kanzler? ", "mc1_targets_choices": ["a", "b"],
+           "mc2_targets_choices": ["a", "b", "c"], "mc2_targets_labels": [1, 1, 0]}
+    for name in ("truthfulqa_de_mc1", "truthfulqa_de_mc2"):
+        spec = load_task(name)
+        assert spec.doc_to_text(doc) == QA_PROMPT + "\n\nQ: " + preprocess(doc["question"]) + "\nA:"
+    assert load_task("truthfulqa_de_mc2").doc_to_choice(doc) == ["a", "b", "c"]
+    mmlu = load_task("m_mmlu_de")
+    doc = {"instruction": " Was ist 2+2? ", "option_a": "3", "option_b": "4", "option_c": "5", "option_d": "6",
+           "answer": "B"}
+    assert mmlu.doc_to_text(doc) == "Was ist 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:"
+    assert mmlu.gold_index(doc, mmlu.doc_to_choice(doc)) == 1
