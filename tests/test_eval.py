@@ -244,6 +244,31 @@ def test_eval_bpb_and_tokenizer_mismatch(setup: dict, tmp_path: Path, capsys: py
     assert "were made with tokenizer 0000000000000000" in err and err.count("\n") == 1
 
 
+def test_eval_bpb_under_torchrun_matches_one_process(setup: dict, tmp_path: Path) -> None:
+    """Two gloo ranks score disjoint shares of the validation split; the all-reduced bpb is the 1-process one."""
+    import os
+    import subprocess
+    import sys
+
+    from nanoforge.data.tokenize import tokenize_corpus
+    from nanoforge.eval.tasks import evaluate_bpb_checkpoint
+    from nanoforge.tokenizer import Tokenizer
+
+    tokens = tokenize_corpus(write_text(tmp_path / "c", n_docs=60, seed=2), Tokenizer.load(setup["tok"]),
+                             out=tmp_path / "tokens", val_docs=20, workers=1)
+    one = evaluate_bpb_checkpoint(setup["ckpt"], tokens, batch_size=2, seq_len=32)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "nanoforge", "eval", "bpb", str(setup["ckpt"]), "--tokens", str(tokens),
+                        "--batch-size", "2", "--seq-len", "32", "--json"],
+                       capture_output=True, text=True, env=env, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = json.loads(r.stdout)
+    assert two["world_size"] == 2
+    assert two["tokens"] == one["tokens"] and two["bytes"] == one["bytes"]
+    assert abs(two["val_bpb"] - one["val_bpb"]) < 1e-6
+
+
 def test_checkpoint_with_a_different_tokenizer_is_refused(setup: dict, tmp_path: Path) -> None:
     from nanoforge.eval.tasks import run_tasks
     from nanoforge.tokenizer.train import train_tokenizer

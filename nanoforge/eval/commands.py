@@ -62,8 +62,9 @@ def _bpb(args: argparse.Namespace) -> int:
 
     r = evaluate_bpb_checkpoint(args.checkpoint, args.tokens, batch_size=args.batch_size, seq_len=args.seq_len,
                                 device=args.device, max_batches=args.max_batches)
-    print(json.dumps(r, indent=2) if args.json else f"val bpb {r['val_bpb']:.4f}  ({r['tokens']:,} tokens, "
-          f"{r['bytes']:,} bytes)")
+    if r["rank"] == 0:  # under torchrun every rank has the all-reduced result; one prints it
+        print(json.dumps(r, indent=2) if args.json else f"val bpb {r['val_bpb']:.4f}  ({r['tokens']:,} tokens, "
+              f"{r['bytes']:,} bytes)")
     return 0
 
 

@@ -166,8 +166,11 @@ def evaluate_bpb_checkpoint(checkpoint: str | os.PathLike, tokens: str | os.Path
                             seq_len: int | None = None, device: str = "cpu", max_batches: int | None = None
                             ) -> dict[str, Any]:
     """Validation bits per byte of a checkpoint on token shards; refuses shards made by another tokenizer."""
+    import torch
+
     from nanoforge.eval.bpb import evaluate_bpb
     from nanoforge.infer.engine import load_checkpoint
+    from nanoforge.train import dist
 
     tokens_dir = home_mod.resolve(tokens, "tokens")
     if not (tokens_dir / "meta.json").is_file():
@@ -178,7 +181,13 @@ def evaluate_bpb_checkpoint(checkpoint: str | os.PathLike, tokens: str | os.Path
     if fp and fp != tok.fingerprint:
         raise UserError(f"token shards {tokens_dir} were made with tokenizer {fp} but checkpoint {checkpoint} uses "
                         f"{tok.fingerprint}: evaluate on shards tokenized with the model's tokenizer")
-    r = evaluate_bpb(model, tokens_dir, tok.token_bytes, batch_size=batch_size,
-                     seq_len=seq_len or model.config.max_seq_len, device=device, max_batches=max_batches)
+    # Under torchrun each rank scores its share of the split and the sums are all-reduced.
+    info = dist.setup(torch.device(device).type)
+    try:
+        r = evaluate_bpb(model, tokens_dir, tok.token_bytes, batch_size=batch_size,
+                         seq_len=seq_len or model.config.max_seq_len, device=device, max_batches=max_batches,
+                         rank=info.rank, world_size=info.world_size)
+    finally:
+        dist.teardown(info)
     return {**r, "checkpoint": str(checkpoint), "step": meta.get("step"), "tokens": r["tokens"],
-            "tokens_dir": str(tokens_dir)}
+            "tokens_dir": str(tokens_dir), "world_size": info.world_size, "rank": info.rank}
