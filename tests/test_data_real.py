@@ -21,8 +21,9 @@ CORPUS_DE = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not CORPUS_DE.is_dir():
         pytest.skip(f"needs the shared corpus at {CORPUS_DE} (absent in a plain clone)")
-    train = pytest.importorskip("nanoforge.tokenizer.train", reason="needs the tokenizer stage")
-    return Path(train.train_tokenizer([str(CORPUS_DE)], vocab_size=512, backend="rustbpe",
+    from nanoforge.tokenizer.train import train_tokenizer
+
+    return Path(train_tokenizer([str(CORPUS_DE)], vocab_size=512, backend="rustbpe",
                                       out=tmp_path_factory.mktemp("tok") / "de512", max_chars=300_000))
 
 

@@ -19,20 +19,6 @@ from nanoforge import home
 from nanoforge.cli import main
 from nanoforge.data.corpus import iter_documents
 
-pytest.importorskip("nanoforge.tokenizer.train", reason="needs the tokenizer stage (issue 2)")
-
-
-def _have(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-HAVE_EXPORT = _have("nanoforge.export.hf")
-
 FAST = ["--set", "eval.limit=8"]  # keep the task evaluation to a handful of examples
 
 
@@ -95,13 +81,8 @@ def test_ci_speedrun_on_german_corpus_writes_every_artifact(corpus_de: Path) -> 
     # the same command again: every stage is up to date (the report is always rewritten)
     assert main(["speedrun", "--preset", "ci", "--data", str(corpus_de), "--run", "ci-de", *FAST]) == 0
     again = _stages("ci-de")
-    # a stage that had to leave a part out (a stage module not installed) is redone next time
-    redone = [n for n, partial in (("eval", not _have("nanoforge.eval.tasks")), ("export", not HAVE_EXPORT))
-              if partial] + ["report"]
-    assert [n for n, s in again.items() if not s["skipped"]] == redone
+    assert [n for n, s in again.items() if not s["skipped"]] == ["report"]
 
-    if not HAVE_EXPORT:
-        pytest.skip("the Hugging Face export stage (nanoforge.export.hf, issue 5) is not installed")
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -176,7 +157,7 @@ set = ["train.max_steps=8", "train.eval_every=4", "eval.limit=4"]
     monkeypatch.setattr(ablate_mod, "speedrun", real)
     records = home.home() / "pipeline"
     before = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
-    expected = {"data", "tokenizer", "tokenizer_eval", "tokenize", "pretrain"} | ({"export"} if HAVE_EXPORT else set())
+    expected = {"data", "tokenizer", "tokenizer_eval", "tokenize", "pretrain", "export"}
     assert {name.rsplit("-", 1)[0] for name in before} >= expected  # cell 1's stages
 
     assert main(["ablate", str(grid), "--name", "g"]) == 0
@@ -198,3 +179,31 @@ set = ["train.max_steps=8", "train.eval_every=4", "eval.limit=4"]
     # a third run finds every cell finished
     assert main(["ablate", str(grid), "--name", "g"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")} == after
+
+
+def test_speedrun_downloads_its_corpus_from_a_hub(tmp_path: Path, nanoforge_home: Path) -> None:
+    """`--data hf:REPO:SHARDS` goes through huggingface_hub against a loopback Hub (HF_ENDPOINT)."""
+    import threading
+
+    from _data_helpers import documents
+    from test_data_download import REPO, Hub, _parquet_bytes
+
+    hub = Hub()
+    threading.Thread(target=hub.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        hub.files.update({f"shard_{i:05d}.parquet": _parquet_bytes(documents(400, seed=i)) for i in range(2)})
+        env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}", "HF_HUB_OFFLINE": "0",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": "",
+               "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1", "NANOFORGE_HOME": str(nanoforge_home)}
+        r = subprocess.run([sys.executable, "-m", "nanoforge", "speedrun", "--preset", "ci", "--data",
+                            f"hf:{REPO}:0-1", "--run", "hub", "--json", *FAST],
+                           capture_output=True, text=True, env=env, timeout=600)
+    finally:
+        hub.shutdown()
+        hub.server_close()
+    assert r.returncode == 0, r.stderr[-3000:]
+    corpus = home.corpus_dir(f"hf-{REPO.replace('/', '--')}")
+    assert sorted(p.name for p in corpus.glob("*.parquet")) == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert sorted(name for name, _ in hub.gets) == ["shard_00000.parquet", "shard_00001.parquet"]
+    summary = json.loads((home.run_dir("hub") / "summary.json").read_text())
+    assert summary["data"] == f"hf:{REPO}:0-1" and math.isfinite(summary["val_bpb"])

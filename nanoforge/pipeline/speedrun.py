@@ -175,9 +175,8 @@ def _held_out_documents(corpus: Any, n: int) -> list[str]:
 
 def _stage_tokenizer_eval(runner: StageRunner, cfg: RunConfig, corpus: Any, tokenizer_path: str,
                           name: str) -> dict[str, Any]:
-    metrics = _optional("nanoforge.tokenizer.metrics")
-    if metrics is None:
-        return {"skipped": "nanoforge.tokenizer.metrics is not installed"}
+    from nanoforge.tokenizer import metrics
+
     out = runner.run_dir / "tokenizer_eval"
     docs = _held_out_documents(corpus, TOKENIZER_EVAL_DOCS)
     if not docs:
@@ -248,9 +247,7 @@ def _stage_eval(runner: StageRunner, cfg: RunConfig, train: dict[str, Any], toke
                        device=device, layout=cfg.data.layout)
     result: dict[str, Any] = {"val_bpb": float(bpb["val_bpb"]), "bpb": _jsonable(bpb)}
     tasks = _run_demo_tasks(model, tok, cfg, device, out)
-    result["tasks"] = tasks or {}
-    if tasks is None:
-        result["skipped"] = "task evaluation (nanoforge.eval.tasks is not installed)"
+    result["tasks"] = tasks
     samples = []
     with torch.no_grad():
         for prompt in cfg.eval.prompts:
@@ -262,62 +259,40 @@ def _stage_eval(runner: StageRunner, cfg: RunConfig, train: dict[str, Any], toke
     return result
 
 
-def _run_demo_tasks(model: Any, tok: Any, cfg: RunConfig, device: str, out: Path) -> dict[str, Any] | None:
-    """eval.tasks, or else the bundled demo tasks, via nanoforge.eval's run_tasks; None when this
-    installation has no task evaluator yet."""
-    task_lib = _optional("nanoforge.eval.tasks")
-    if task_lib is None or not hasattr(task_lib, "run_tasks"):
-        return None
+def _run_demo_tasks(model: Any, tok: Any, cfg: RunConfig, device: str, out: Path) -> dict[str, Any]:
+    """eval.tasks, or else the bundled demo tasks, scored by nanoforge.eval's run_tasks."""
+    from nanoforge.eval.tasks import run_tasks
+
     names = list(cfg.eval.tasks) or demo_tasks()
     if not names:
         progress.warn("no eval.tasks configured and no bundled demo tasks: skipping the task evaluation")
         return {}
-    res = task_lib.run_tasks(model, names, tokenizer=tok, device=device, limit=cfg.eval.limit or None,
+    res = run_tasks(model, names, tokenizer=tok, device=device, limit=cfg.eval.limit or None,
                              out=out / "tasks.json")
     return _jsonable(res)
 
 
 def demo_tasks() -> list[str]:
     """The bundled tasks marked as demo tasks (corpus-agnostic, tiny)."""
-    try:
-        from nanoforge.eval.taskspec import list_tasks
-    except ImportError:
-        return []
+    from nanoforge.eval.taskspec import list_tasks
+
     return [t["task"] for t in list_tasks() if "demo" in t["task"]]
 
 
 def _generate(model: Any, tok: Any, prompt: str, max_new_tokens: int) -> str:
-    try:
-        from nanoforge.infer.engine import generate
-    except ImportError:
-        from nanoforge.train.loop import sample_greedy
+    from nanoforge.infer.engine import generate
 
-        return sample_greedy(model, tok, prompt, max_new_tokens)
     return generate(model, tok, prompt, max_new_tokens=max_new_tokens, temperature=0.0)
 
 
 def _stage_export(train: dict[str, Any], fp: str) -> dict[str, Any]:
-    hf = _optional("nanoforge.export.hf")
-    if hf is None:
-        return {"skipped": "nanoforge.export.hf is not installed"}
-    out = hf.export_hf(train["checkpoint_dir"], home.export_dir(train["tag"]), force=True)
+    from nanoforge.export.hf import export_hf
+
+    out = export_hf(train["checkpoint_dir"], home.export_dir(train["tag"]), force=True)
     return {"export": str(out), "outputs": [str(Path(out) / "config.json")]}
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
-def _optional(module: str) -> Any:
-    """A stage module, or None (with a warning) when this installation does not have it yet."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name is None or not module.startswith(e.name):
-            raise
-        progress.warn(f"{module} is not available: skipping that step")
-        return None
-
-
 def _jsonable(obj: Any) -> Any:
     """A JSON-safe copy: paths to str, numpy/torch scalars to float, non-finite floats to None."""
     if isinstance(obj, dict):
