@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CORPUS = SHARED / "corpus"
@@ -35,3 +36,13 @@ def corpus_de() -> Path:
 def corpus_en() -> Path:
     """../shared/corpus/en: 2 parquet shards, 1,412 English documents, 14.3M characters."""
     return _corpus("en")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and when other jobs share the CPU OpenMP's
+    spin-waiting makes small ops crawl; modules opt in with `pytestmark = usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,15 +15,7 @@ from nanoforge.errors import UserError
 from nanoforge.export.hf import export_hf, import_hf
 from nanoforge.infer.engine import generate_ids, load_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning
-    barriers make each matmul ~100x slower; restore the setting for the other modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,7 @@ TINY = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_di
             max_seq_len=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and stay fast when other jobs share the CPU
-    (OpenMP threads spin-waiting for each other is what makes small ops crawl under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(**kw: object) -> LLaMA:

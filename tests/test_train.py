@@ -27,14 +27,7 @@ CORPUS_DE = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "
 FAST = ["train.max_steps=12", "train.eval_every=6", "train.eval_batches=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and stay fast when other jobs share the CPU
-    (OpenMP threads spin-waiting for each other is what makes small ops crawl under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

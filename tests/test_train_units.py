@@ -18,14 +18,7 @@ TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
                    max_seq_len=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and stay fast when other jobs share the CPU
-    (OpenMP threads spin-waiting for each other is what makes small ops crawl under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_schedules_warm_up_then_decay_to_min() -> None:
