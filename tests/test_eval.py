@@ -184,6 +184,28 @@ def test_three_way_agreement_on_local_multiple_choice(three_way: dict) -> None:
         assert abs(three_way["native"][key] - three_way["hf"][key]) <= 1e-6, key
 
 
+def test_bundled_truthfulqa_mc2_file_runs_in_lm_eval_and_in_nanoforge_alike(setup: dict) -> None:
+    """The same truthfulqa_de_mc2.yaml: lm-eval calls the shipped process_results hook, nanoforge computes mc2
+    itself; both give the same per-task mc2."""
+    from nanoforge import home
+    from nanoforge.eval.lm_adapter import evaluate_with_lm_eval
+    from nanoforge.eval.tasks import run_tasks
+
+    docs = [{"question": f"Frage {i}?", "mc2_targets_choices": ["Ja.", "Nein.", "Vielleicht.", "Nie."][: 2 + i % 3],
+             "mc2_targets_labels": [1, 0, 1, 0][: 2 + i % 3]} for i in range(6)]
+    data = home.home() / "task_data" / "m_truthfulqa" / "de_val.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    include = lm_eval_yaml(load_task("truthfulqa_de_mc2"), setup["root"] / "tqa").parent
+    assert (include / "truthfulqa_utils.py").is_file()
+    ours = run_tasks(setup["ckpt"], ["truthfulqa_de_mc2"])["results"]["truthfulqa_de_mc2"]
+    theirs = evaluate_with_lm_eval(setup["ckpt"], ["truthfulqa_de_mc2"], include_path=include)
+    theirs = theirs["results"]["truthfulqa_de_mc2"]
+    assert 0.0 < ours["mc2,none"] < 1.0
+    assert abs(ours["mc2,none"] - theirs["mc2,none"]) <= 1e-6
+    assert abs(ours["mc2_stderr,none"] - theirs["mc2_stderr,none"]) <= 1e-6
+
+
 def test_lm_eval_python_api_with_model_object(setup: dict, three_way: dict) -> None:
     from nanoforge.eval.lm_adapter import NanoforgeLM
     from nanoforge.infer.engine import load_checkpoint

@@ -116,8 +116,8 @@ def test_run_tasks_with_a_fake_scorer_gives_hand_computed_acc_acc_norm_mc2(ck, t
     import nanoforge.eval.tasks as T
     from nanoforge.infer.engine import load_checkpoint
 
-    docs = [{"q": "eins", "choices": ["a", "bbbb"], "label": 0, "labels": [1, 0]},
-            {"q": "zwei", "choices": ["cc", "d"], "label": 0, "labels": [1, 0]}]
+    docs = [{"q": "eins", "choices": ["a", "bbbb"], "label": 0, "mc2_targets_labels": [1, 0]},
+            {"q": "zwei", "choices": ["cc", "d"], "label": 0, "mc2_targets_labels": [1, 0]}]
     # doc 1: acc picks "a" (right), per char -1 vs -0.5 picks "bbbb" (wrong); doc 2: the reverse
     fake = {"eins": [-1.0, -2.0], "zwei": [-3.0, -2.0]}
     model, tok, _ = load_checkpoint(ck["ckpt"])
@@ -126,7 +126,7 @@ def test_run_tasks_with_a_fake_scorer_gives_hand_computed_acc_acc_norm_mc2(ck, t
         return [fake["eins" if "eins" in tok.decode(pairs[0][0]) else "zwei"] for pairs in docs_pairs]
 
     monkeypatch.setattr(T, "_score_docs", scorer)
-    body = MC_BODY.replace("  - metric: acc_norm\n", "  - metric: acc_norm\n  - metric: mc2\nmc2_labels: labels\n")
+    body = MC_BODY.replace("  - metric: acc_norm\n", "  - metric: acc_norm\n  - metric: mc2\n")
     path = write_task(tmp_path, "fake_mc", docs, body)
     r = T.run_tasks(model, [path], tokenizer=tok)["results"]["fake_mc"]
     assert (r["acc,none"], r["acc_norm,none"]) == (0.5, 0.5)

@@ -56,9 +56,7 @@ def evaluate_multiple_choice(model: Any, tokenizer: Any, spec: TaskSpec, docs: l
     for i, (doc, choices, _) in enumerate(groups):
         lls = all_lls[i]
         if want_mc2:
-            labels_spec = spec.config.get("mc2_labels", "mc2_targets_labels")
-            labels = doc[labels_spec] if labels_spec in doc else spec._field("mc2_labels", doc)
-            values["mc2"][i] = M.mc2(lls, labels)
+            values["mc2"][i] = M.mc2(lls, doc["mc2_targets_labels"])  # as truthfulqa_utils.process_results_mc2
         r = M.multiple_choice(lls, choices, spec.gold_index(doc, choices))
         values["acc"][i], values["acc_norm"][i] = r["acc"], r["acc_norm"]
     return {m: v for m, v in values.items() if m in spec.metrics}

@@ -44,6 +44,17 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_constructor("!function", lambda loader, node: _Function(loader.construct_scalar(node)))
 
+# lm-eval hooks that nanoforge implements itself (the hook file ships beside the bundled YAMLs for lm-eval).
+KNOWN_HOOKS = {"process_results": "truthfulqa_utils.process_results_mc2"}
+HOOK_FILES = {"truthfulqa_utils.process_results_mc2": "truthfulqa_utils.py"}
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_Function, lambda dumper, f: dumper.represent_scalar("!function", f.name))
+
 
 def _env() -> Any:
     from jinja2 import BaseLoader, Environment, StrictUndefined
@@ -269,7 +280,7 @@ def load_task(name_or_path: str | os.PathLike) -> TaskSpec:
         config = {**base, **config}
         lines = {**{k: lines.get("include", 1) for k in base_lines}, **lines}
     for key, value in config.items():
-        if isinstance(value, _Function):
+        if isinstance(value, _Function) and KNOWN_HOOKS.get(key) != value.name:
             raise TaskError(f"{p}: line {lines.get(key, 1)}: field {key} uses a Python hook (!function "
                             f"{value.name}); nanoforge runs template-only tasks: write it as a Jinja2 template")
     name = config.get("task")
@@ -310,6 +321,10 @@ def lm_eval_yaml(spec: TaskSpec, folder: str | os.PathLike) -> Path:
     cfg = dict(spec.config)
     cfg["dataset_kwargs"] = {**(cfg.get("dataset_kwargs") or {}),
                              "data_files": {k: [str(f) for f in v] for k, v in spec._data_files().items()}}
+    for value in cfg.values():  # a hook lm-eval imports from the YAML's folder travels with it
+        if isinstance(value, _Function) and value.name in HOOK_FILES:
+            hook = Path(__file__).resolve().parent / "tasks" / HOOK_FILES[value.name]
+            (folder / hook.name).write_bytes(hook.read_bytes())
     out = folder / f"{spec.name}.yaml"
-    out.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    out.write_text(yaml.dump(cfg, Dumper=_Dumper, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return out
