@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoforge.errors import UserError
+from nanoforge.model.config import ModelConfig
 
 try:
     import tomllib
@@ -28,20 +29,10 @@ PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
 @dataclass
-class ModelSection:
+class ModelSection(ModelConfig):
+    """The [model] section: a ModelConfig plus nanochat's depth dial."""
+
     depth: int = 0  # > 0: derive d_model, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim from it
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 4
-    head_dim: int = 64
-    ffn_dim: int = 768
-    vocab_size: int = 4096
-    max_seq_len: int = 512
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    pad_vocab_to: int = 0
 
 
 @dataclass
@@ -69,7 +60,7 @@ class TrainSection:
     eval_batches: int = 20         # 0 = the whole validation split
     save_every: int = 0            # 0: only at the end (and on interrupt)
     sample_every: int = 0          # 0 disables
-    log_every: int = 1
+    log_every: int = 1             # metrics.jsonl every N steps (and at every evaluation and the last step)
     keep_last: int = 2             # checkpoints kept besides the best
     seed: int = 1337
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
@@ -123,9 +114,7 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     preset: str = ""
 
-    def model_config(self) -> Any:
-        from nanoforge.model import ModelConfig
-
+    def model_config(self) -> ModelConfig:
         d = dataclasses.asdict(self.model)
         d.pop("depth")
         return ModelConfig(**d)
