@@ -88,6 +88,13 @@ def test_loss_decreases_on_german_text_and_writes_run_outputs(data, nanoforge_ho
     assert meta["tokenizer"]["fingerprint"] and meta["model_config"]["vocab_size"] == 512
 
 
+def test_log_every_thins_metrics_but_keeps_the_last_step(data, nanoforge_home) -> None:
+    cfg = load_config(preset="ci", overrides=["train.max_steps=6", "train.log_every=4", "train.eval_every=0"])
+    train(cfg, tokens=str(data["de512"]), tag="sparse")
+    lines = (nanoforge_home / "runs" / "base-sparse" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [4, 6]
+
+
 def test_muon_trains(data) -> None:
     cfg = load_config(preset="ci", overrides=["train.optimizer=muon", "train.max_steps=25", "train.eval_every=0"])
     summary = train(cfg, tokens=str(data["de512"]), tag="muon")

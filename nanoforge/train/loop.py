@@ -257,7 +257,8 @@ class _Trainer:
                 if tc.sample_every and (step % tc.sample_every == 0 or is_last) and info.is_main \
                         and not (info.enabled and tc.parallel == "fsdp"):
                     writers.samples(step, self._sample())
-                writers.metrics(record)
+                if step % max(1, tc.log_every) == 0 or is_last or "val_bpb" in record:
+                    writers.metrics(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}",
                                 mfu=f"{100 * mfu:.1f}%" if mfu is not None else "n/a",
@@ -295,8 +296,10 @@ class _Trainer:
         return round(result["val_bpb"], 6)
 
     def _sample(self) -> list[dict[str, str]]:
+        from nanoforge.infer.engine import generate
+
         prompts, n = self.cfg.eval.prompts, self.cfg.eval.max_new_tokens
-        return [{"prompt": p, "completion": sample_greedy(self.raw, self.tokenizer, p, n, self.device)}
+        return [{"prompt": p, "completion": generate(self.raw, self.tokenizer, p, max_new_tokens=n)}
                 for p in prompts]
 
     def _save(self, step: int, last: dict[str, Any]) -> Path | None:
@@ -319,39 +322,6 @@ class _Trainer:
         path = ckpt.save_checkpoint(self.ckpt_dir, step, model_state, optim_state, meta)
         ckpt.prune_checkpoints(self.ckpt_dir, keep_last=max(1, self.tc.keep_last))
         return path
-
-
-@torch.no_grad()
-def sample_greedy(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int,
-                  device: torch.device | str = "cpu") -> str:
-    """Greedy continuation of `prompt` (uses nanoforge.infer.engine.generate when it is installed)."""
-    try:
-        from nanoforge.infer.engine import generate
-    except ImportError:
-        generate = None
-    was_training = model.training
-    model.eval()
-    try:
-        if generate is not None:
-            return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.0)
-        from nanoforge.model import KVCache
-
-        ids = tokenizer.encode(prompt, bos=True)
-        limit = model.config.max_seq_len
-        ids = ids[-max(1, limit - max_new_tokens):]
-        cache = KVCache(model.config, 1, len(ids) + max_new_tokens, device=device,
-                        dtype=next(model.parameters()).dtype)
-        logits = model(torch.tensor([ids], device=device), cache=cache)
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            nxt = int(logits[0, -1].argmax())
-            if nxt == tokenizer.bos_id:
-                break
-            out.append(nxt)
-            logits = model(torch.tensor([[nxt]], device=device), cache=cache)
-        return tokenizer.decode(out)
-    finally:
-        model.train(was_training)
 
 
 class _Writers:
