@@ -48,13 +48,14 @@ def test_encode_pair_moves_trailing_space_and_splits_the_whole_encoding(ck) -> N
 
 
 def test_scores_match_a_plain_forward_pass(ck) -> None:
-    """The shared-prefix KV-cache batch gives the same log-likelihoods as one full forward per choice."""
-    from nanoforge.eval.scoring import encode_pair, score_group
+    """The shared-prefix packed row gives the same log-likelihoods as one full forward per choice."""
+    from nanoforge.eval.packed import score_packed
+    from nanoforge.eval.scoring import encode_pair
     from nanoforge.infer.engine import load_checkpoint
 
     model, tok, _ = load_checkpoint(ck["ckpt"])
     pairs = [encode_pair(tok, "die Katze sieht", " " + c) for c in ["den Mond", "blau", "ein Haus und zwei Sterne"]]
-    got = score_group(model, pairs[0][0], [c for _, c in pairs])
+    got = score_packed(model, [(pairs[0][0], [c for _, c in pairs])])[0]
     for (ctx, cont), (ll, _) in zip(pairs, got):
         with torch.no_grad():
             logits = model(torch.tensor([ctx + cont[:-1]]))[0, len(ctx) - 1:]

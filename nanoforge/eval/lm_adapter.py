@@ -18,7 +18,8 @@ import lm_eval.models  # noqa: F401 - registers lm-eval's own model types first 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from nanoforge.eval.scoring import score_group, score_rolling
+from nanoforge.eval.packed import score_packed
+from nanoforge.eval.scoring import score_rolling
 
 
 @register_model("nanoforge")
@@ -78,15 +79,22 @@ class NanoforgeLM(TemplateLM):
                               ) -> list[tuple[float, bool]]:
         from nanoforge import progress
 
+        # The same packed shared-prefix scorer as `nanoforge eval tasks`: one row per context, many per forward.
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (_, ctx, _) in enumerate(requests):
             groups.setdefault(tuple(ctx), []).append(i)
+        items = list(groups.items())
         out: list[Any] = [None] * len(requests)
-        for ctx, idx in progress.bar(list(groups.items()), desc="loglikelihood", unit="context"):
-            for i, r in zip(idx, score_group(self.model, list(ctx), [requests[i][2] for i in idx])):
-                out[i] = r
-                if self.cache_hook is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
+        with progress.bar(total=len(items), desc="loglikelihood", unit="context") as pbar:
+            for start in range(0, len(items), 256):
+                part = items[start:start + 256]
+                scores = score_packed(self.model, [(list(ctx), [requests[i][2] for i in idx]) for ctx, idx in part])
+                for (_, idx), group in zip(part, scores):
+                    for i, r in zip(idx, group):
+                        out[i] = r
+                        if self.cache_hook is not None:
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
+                pbar.update(len(part))
         return out
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:

@@ -29,42 +29,6 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     return ctx, whole[len(ctx):]
 
 
-@torch.no_grad()
-def score_group(model: Any, context: Sequence[int], continuations: Sequence[Sequence[int]]
-                ) -> list[tuple[float, bool]]:
-    """(summed log-likelihood, is greedy) of each continuation after `context` (token ids)."""
-    from nanoforge.model import KVCache
-
-    param = next(model.parameters())
-    device, limit = param.device, model.config.max_seq_len
-    ctx = list(context)
-    longest = max(len(c) for c in continuations)
-    if len(ctx) + longest - 1 > limit:  # lm-eval truncates each sequence from the left: do the same
-        return [_score_full(model, ctx, list(c)) for c in continuations]
-    n = len(continuations)
-    cache1 = KVCache(model.config, 1, len(ctx), device=device, dtype=param.dtype)
-    h = model.hidden(torch.tensor([ctx], device=device), cache1)
-    first = F.log_softmax(model.logits(h[:, -1]).float(), dim=-1)[0]  # predicts each continuation's 1st token
-    results = []
-    if longest > 1:
-        cache = KVCache(model.config, n, len(ctx) + longest, device=device, dtype=param.dtype)
-        cache.k[:, :, :, :len(ctx)] = cache1.k[:, :1, :, :len(ctx)]
-        cache.v[:, :, :, :len(ctx)] = cache1.v[:, :1, :, :len(ctx)]
-        cache.pos = len(ctx)
-        rows = torch.zeros(n, longest - 1, dtype=torch.long, device=device)
-        for i, c in enumerate(continuations):
-            rows[i, :len(c) - 1] = torch.tensor(list(c[:-1]), dtype=torch.long)
-        rest = F.log_softmax(model.logits(model.hidden(rows, cache)).float(), dim=-1)
-    for i, c in enumerate(continuations):
-        target = torch.tensor(list(c), device=device)
-        logp = [first.unsqueeze(0)] + ([rest[i, :len(c) - 1]] if len(c) > 1 else [])
-        lp = torch.cat(logp, dim=0)
-        ll = lp.gather(1, target.unsqueeze(1)).sum()
-        greedy = bool((lp.argmax(dim=-1) == target).all())
-        results.append((float(ll), greedy))
-    return results
-
-
 def _score_full(model: Any, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
     limit = model.config.max_seq_len
     inp = (ctx + cont)[-(limit + 1):][:-1]
