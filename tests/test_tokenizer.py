@@ -122,6 +122,18 @@ def test_python_backend_breaks_ties_like_rustbpe(docs: list[str]) -> None:
         assert ranks == _rustbpe_ranks(docs, vocab), vocab
 
 
+@settings(max_examples=60, deadline=None)
+@given(docs=st.lists(st.text(alphabet="aab \u00e4\u00df\U0001f600\n1", max_size=40), min_size=1, max_size=6),
+       merges=st.integers(1, 40))
+def test_python_backend_matches_rustbpe_on_random_text(docs: list[str], merges: int) -> None:
+    """Runs of one character (a == b merges), adjacent repeats, multi-byte characters, digits, newlines."""
+    from nanoforge.tokenizer.bpe import count_chunks, merges_to_ranks, train_bpe
+
+    ranks = merges_to_ranks(train_bpe(count_chunks(docs, NANOCHAT_PATTERN, processes=1), merges))
+    expected = _rustbpe_ranks(docs, 256 + merges)
+    assert ranks == expected
+
+
 def test_python_and_rustbpe_backends_save_identical_tokenizers(toks: dict[str, Tokenizer]) -> None:
     assert toks["python"].ranks == toks["rustbpe"].ranks
     assert toks["python"].fingerprint == toks["rustbpe"].fingerprint
