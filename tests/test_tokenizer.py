@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import pickle
 from pathlib import Path
 
@@ -198,6 +199,25 @@ def test_import_hf_and_export_hf_cli(toks: dict[str, Tokenizer], tmp_path: Path,
         assert imported.encode(text, bos=True) == tok.encode(text, bos=True)
     assert main(["tokenizer", "import-hf", str(tmp_path / "nothing"), "--name", "x"]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
+
+
+def test_export_hf_cli_refuses_to_overwrite_without_force(toks: dict[str, Tokenizer], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """Into a model folder: its other files stay; our three files are only replaced with --force."""
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"weights")
+    (out / "tokenizer.json").write_text("old")
+    args = ["tokenizer", "export-hf", str(toks["rustbpe"].path), "--out", str(out)]
+    assert main(args) == 2
+    assert "already holds tokenizer.json" in capsys.readouterr().err
+    assert (out / "tokenizer.json").read_text() == "old"
+    assert main([*args, "--force"]) == 0
+    assert (out / "model.safetensors").read_bytes() == b"weights"
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    (tmp_path / "file").write_text("x")
+    assert main(["tokenizer", "export-hf", str(toks["rustbpe"].path), "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_import_nanochat_needs_trust_pickle(toks: dict[str, Tokenizer], tmp_path: Path,

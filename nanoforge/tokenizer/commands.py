@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = subparser(tsub, "export-hf", "write Hugging Face fast-tokenizer files (AutoTokenizer loads them)",
                   "nanoforge tokenizer export-hf de32k --out ~/hf/de32k")
     p.add_argument("tokenizer", help="tokenizer name or folder")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (other files in it are left alone)")
+    p.add_argument("--force", action="store_true", help="overwrite tokenizer files already in --out")
     p.set_defaults(func=_export_hf)
 
     p = subparser(tsub, "import-hf", "import a Hugging Face tokenizer (folder or tokenizer.json) for comparisons",
@@ -95,7 +96,7 @@ def _export_hf(args: argparse.Namespace) -> int:
     from nanoforge.tokenizer.hf import export_hf
 
     tok = Tokenizer.load(args.tokenizer)
-    print(export_hf(tok, args.out))  # each file written atomically; other files in --out are left alone
+    print(export_hf(tok, args.out, force=args.force))
     return 0
 
 

@@ -95,9 +95,19 @@ def with_bos_post_processor(hf_json: str, bos: str, bos_id: int) -> str:
     return json.dumps(d, ensure_ascii=False)
 
 
-def export_hf(tok: Tokenizer, out_dir: str | os.PathLike) -> Path:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`."""
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def export_hf(tok: Tokenizer, out_dir: str | os.PathLike, *, force: bool = True) -> Path:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`, each file
+    atomically; other files there (a model's weights, say) are left alone. With force=False a folder that
+    already holds one of those files is refused."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder")
+    present = [f for f in HF_FILES if (out / f).exists()]
+    if present and not force:
+        raise UserError(f"{out} already holds {', '.join(present)} (use --force to overwrite them)")
     out.mkdir(parents=True, exist_ok=True)
     bos = next((s for s, i in tok.special_tokens.items() if i == tok.bos_id), None)
     eos = next((s for s, i in tok.special_tokens.items() if i == tok.eos_id), None)
