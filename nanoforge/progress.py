@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 logger = logging.getLogger("nanoforge")
 _bars_enabled = False
@@ -56,6 +57,9 @@ def warn(msg: str, *args: Any) -> None:
 
 def bar(iterable: Any = None, *, total: float | None = None, desc: str = "", unit: str = "it",
         unit_scale: bool = False, **kwargs: Any) -> tqdm:
-    """A tqdm bar (rate and ETA included) that is silent unless the CLI enabled bars."""
+    """A tqdm bar (rate and ETA included) that is silent unless the CLI enabled bars. tqdm is imported here,
+    not at module load: every command imports this module, few draw a bar."""
+    from tqdm.auto import tqdm
+
     return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale,
                 disable=not _bars_enabled, dynamic_ncols=True, file=sys.stderr, **kwargs)

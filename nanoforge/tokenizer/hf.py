@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
     """BPE-encode `token` with merges of rank < max_rank (tiktoken's algorithm, by rank of concatenation)."""
     parts = [bytes([b]) for b in token]
-    while True:
+    while len(parts) > 2:  # two parts are final: merging them makes `token`, whose rank is max_rank
         best, best_rank = None, None
         for i in range(len(parts) - 1):
             r = ranks.get(parts[i] + parts[i + 1])
@@ -37,29 +37,34 @@ def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[byt
         if best is None:
             return parts
         parts = parts[:best] + [parts[best] + parts[best + 1]] + parts[best + 2:]
+    return parts
 
 
 def tokenizer_json_from_ranks(ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int],
                               bos: str | None) -> dict[str, Any]:
     """A tokenizer.json (as a dict) equivalent to tiktoken with these ranks, pattern and specials."""
     table = {b: c for b, c in bytes_to_unicode().items()}  # latin-1 code point == byte value
-
-    def piece(b: bytes) -> str:
-        return b.decode("latin-1").translate(table)
-
-
-    vocab = {t.decode("latin-1").translate(table): r for t, r in ranks.items()}
+    pieces = {t: t.decode("latin-1").translate(table) for t in ranks}
+    vocab = {pieces[t]: r for t, r in ranks.items()}
+    get = ranks.get
     merges = []
     for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(tok) == 1:
+        n = len(tok)
+        if n == 1:
             continue
-        # Fast path: a single split into two lower-rank tokens must be the merge; otherwise ask BPE.
-        splits = [i for i in range(1, len(tok)) if ranks.get(tok[:i], rank) < rank and ranks.get(tok[i:], rank) < rank]
-        parts = [tok[:splits[0]], tok[splits[0]:]] if len(splits) == 1 else _bpe_split(ranks, tok, rank)
-        if len(parts) != 2:
+        # Fast path: a single split into two lower-rank tokens must be the merge; with two or more, ask BPE.
+        split = 0
+        for i in range(1, n):
+            if get(tok[:i], rank) < rank and get(tok[i:], rank) < rank:
+                if split:
+                    split = -1
+                    break
+                split = i
+        parts = [tok[:split], tok[split:]] if split > 0 else _bpe_split(ranks, tok, rank)
+        if len(parts) != 2 or parts[0] not in pieces or parts[1] not in pieces:
             raise UserError(f"rank {rank} ({tok!r}) is not the merge of two lower-rank tokens: "
                             "these ranks are not byte-level BPE")
-        merges.append([piece(parts[0]), piece(parts[1])])
+        merges.append([pieces[parts[0]], pieces[parts[1]]])
     added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True} for s, i in sorted(special_tokens.items(), key=lambda kv: kv[1])]
     post = None
