@@ -1,4 +1,5 @@
-"""Our own byte-level BPE trainer in pure Python: the readable reference and the oracle for the fast backends.
+"""Our own byte-level BPE trainer in Python (numpy for the initial pair counts): the readable reference and the
+oracle for the fast backends.
 
     counts = count_chunks(texts, pattern)            # regex pre-tokenization over 2 processes
     merges = train_bpe(counts, num_merges)           # [(left_id, right_id), ...]; merge i makes id 256 + i
