@@ -163,7 +163,7 @@ def train_bpe(chunk_counts: dict[str, int], num_merges: int) -> list[tuple[int, 
         for wi in where.pop(ab):
             w = words[wi]
             i = w.find(ab)
-            if i < 0:  # the word no longer holds the pair (an earlier merge took one of its halves)
+            if i < 0:  # no longer holds the pair (an earlier merge took one of its halves), or listed twice
                 continue
             c = counts[wi]
             n = len(w)
@@ -181,6 +181,7 @@ def train_bpe(chunk_counts: dict[str, int], num_merges: int) -> list[tuple[int, 
                 prev_end = j
                 i = w.find(ab, j)
             words[wi] = w.replace(ab, N)
+        # The keys cannot collide: x + N == N + y would need y == N, and y comes from the word before the merge.
         new_pairs: dict[str, list[int]] = {}
         for x, c in left_count.items():
             pair_counts[x + A] -= c
@@ -189,7 +190,7 @@ def train_bpe(chunk_counts: dict[str, int], num_merges: int) -> list[tuple[int, 
         for y, c in right_count.items():
             pair_counts[B + y] -= c
             pair_counts[N + y] += c
-            new_pairs.setdefault(N + y, []).extend(right_words[y])
+            new_pairs[N + y] = right_words[y]
         pair_counts[ab] = 0  # every occurrence was merged (for a == b, runs leave no (a, a) behind)
         # Every new pair holds the new token, so this merge made all of its occurrences: its word list is
         # complete, and its count is final until one of its halves is merged away.

@@ -43,7 +43,7 @@ def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[byt
 def tokenizer_json_from_ranks(ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int],
                               bos: str | None) -> dict[str, Any]:
     """A tokenizer.json (as a dict) equivalent to tiktoken with these ranks, pattern and specials."""
-    table = {b: c for b, c in bytes_to_unicode().items()}  # latin-1 code point == byte value
+    table = bytes_to_unicode()  # str.translate table: a latin-1 code point is the byte value
     pieces = {t: t.decode("latin-1").translate(table) for t in ranks}
     vocab = {pieces[t]: r for t, r in ranks.items()}
     get = ranks.get
@@ -167,7 +167,7 @@ def import_hf(src: str | os.PathLike, *, name: str, out: str | os.PathLike | Non
     with atomic_dir(dest, force=force, what="tokenizer") as tmp:
         (tmp / "hf").mkdir()
         atomic_write_text(tmp / "hf" / "tokenizer.json", hf_json)
-        for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+        for extra in HF_FILES[1:]:
             if (file.parent / extra).is_file():
                 shutil.copy(file.parent / extra, tmp / "hf" / extra)
         tok.save(tmp, hf=False)

@@ -44,7 +44,7 @@ def cpu_peak_flops(size: int = 1024, seconds: float = 0.3) -> float:
     """fp32 matmul FLOP/s of this CPU with torch's current thread count: the best of a few bursts, measured
     once per process and combined with the best earlier measurement, kept in the on-disk cache. Other jobs on
     the machine can only lower a measurement, and a too-low peak inflates MFU, so the cache keeps the highest."""
-    key = f"{platform.processor() or platform.machine()}|threads={torch.get_num_threads()}|{torch.__version__}"
+    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|{torch.__version__}"
     if key in _measured:
         return _measured[key]
     cache = home.home() / "cache" / "cpu_peak_flops.json"
@@ -62,6 +62,19 @@ def cpu_peak_flops(size: int = 1024, seconds: float = 0.3) -> float:
         except OSError:
             pass
     return flops
+
+
+def _cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo on Linux, where platform.processor() is often empty), so that one
+    $NANOFORGE_HOME shared by machines with different CPUs keeps one peak per CPU."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _measure_matmul(size: int, seconds: float) -> float:
