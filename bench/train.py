@@ -1,8 +1,10 @@
 """Training-step benchmark: our LLaMA vs Hugging Face `LlamaForCausalLM` of the same shape, same weights,
 same optimizer (torch AdamW), same batches, same process, fp32 on CPU. HF's step is its forward (SDPA
 attention) plus F.cross_entropy on the logits, the same loss as `labels=` (checked equal) without the
-label-shifting copy. Steps alternate between the two so
-machine noise hits both alike; tokens/s come from the median step time, the ratio in parentheses from the
+label-shifting copy. Our model does its fp32 products through oneDNN where that was measured faster
+than torch's default BLAS (nanoforge/model/gemm.py; on AMD CPUs MKL runs AVX2 code only); the row
+"ours, torch GEMM" is our model on the same GEMM library as Hugging Face, so the table separates the two
+causes. Steps alternate between the models so machine noise hits all alike; tokens/s come from the median step time, the ratio in parentheses from the
 fastest step of each (the least disturbed by other jobs on a shared machine).
 
     .venv/bin/python bench/train.py                 # cpu-demo shape and d384/L6/seq512/b8, 50 steps each
@@ -29,9 +31,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanoforge.model import LLaMA, ModelConfig  # noqa: E402
+from nanoforge.model import LLaMA, ModelConfig, gemm  # noqa: E402
 from nanoforge.train.mfu import cpu_peak_flops  # noqa: E402
 
+ONEDNN = gemm.use_onednn()  # this machine's choice, as `nanoforge train` makes it
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "de"
 SHAPES = {
     "cpu-demo": (lambda: ModelConfig.from_preset("cpu-demo"), 256, 16),
@@ -87,6 +90,16 @@ def batches(vocab: int, batch: int, seq: int, n: int) -> list[tuple[torch.Tensor
 
 
 def step_ours(model: LLaMA, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    gemm.set_onednn(ONEDNN)
+    loss = model(x, y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def step_ours_torch_gemm(model: LLaMA, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    gemm.set_onednn(False)
     loss = model(x, y)
     loss.backward()
     opt.step()
@@ -164,7 +177,11 @@ def bench(shape: str, steps: int, warmup: int, compile: bool = False) -> dict:
     data = batches(c.vocab_size, batch, seq, steps + warmup)
     runs = [("ours", ours, torch.optim.AdamW(ours.parameters(), lr=1e-3), step_ours),
             ("hf", hf, torch.optim.AdamW(hf.parameters(), lr=1e-3), step_hf)]
-    if compile:  # a third copy of our weights, torch.compile'd (inductor's C++ kernels on CPU)
+    if ONEDNN:  # a copy of our weights on torch's GEMM, Hugging Face's
+        twin = LLaMA(c)
+        twin.load_state_dict(ours.state_dict())
+        runs.append(("torch_gemm", twin, torch.optim.AdamW(twin.parameters(), lr=1e-3), step_ours_torch_gemm))
+    if compile:  # another copy, torch.compile'd (inductor's C++ kernels on CPU)
         twin = LLaMA(c)
         twin.load_state_dict(ours.state_dict())
         runs.append(("compiled", torch.compile(twin), torch.optim.AdamW(twin.parameters(), lr=1e-3), step_ours))
@@ -193,7 +210,8 @@ def bench(shape: str, steps: int, warmup: int, compile: bool = False) -> dict:
     flops = c.flops_per_token(seq)
     gap = max(abs(a - b) for a, b in zip(losses["ours"], losses["hf"]))
     return {"shape": shape, "params": c.num_params(), "seq": seq, "batch": batch, "tps": tps,
-            "ratio": tps["ours"] / tps["hf"], "best_ratio": best["ours"] / best["hf"], "compiled_ratio": tps.get("compiled", 0) / tps["hf"], "rss": rss, "act_mb": {k: v / 2**20 for k, v in act.items()},
+            "ratio": tps["ours"] / tps["hf"], "best_ratio": best["ours"] / best["hf"], "compiled_ratio": tps.get("compiled", 0) / tps["hf"],
+            "torch_gemm_ratio": tps.get("torch_gemm", 0) / tps["hf"], "rss": rss, "act_mb": {k: v / 2**20 for k, v in act.items()},
             "loss_first": losses["ours"][0], "loss_last": {k: v[-1] for k, v in losses.items()}, "max_gap": gap,
             "mfu": {k: flops * v / peak for k, v in tps.items()}, "peak_gflops": peak / 1e9}
 
@@ -213,7 +231,8 @@ def main() -> None:
         rss_child(args.shapes, args.rss_child, args.steps)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, {args.steps} timed steps "
-          f"(+{args.warmup} warm-up), AdamW lr 1e-3, same weights and batches\n")
+          f"(+{args.warmup} warm-up), AdamW lr 1e-3, same weights and batches; our GEMM library: "
+          f"{'oneDNN' if ONEDNN else 'torch default'}\n")
     print("| shape | params | batch×seq | ours tok/s | HF tok/s | ratio | peak train mem ours/HF MB | "
           "activations ours/HF MB | loss first → last ours / HF | max loss gap | MFU ours / HF |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -224,10 +243,14 @@ def main() -> None:
               f"{r['act_mb']['ours']:,.0f} / {r['act_mb']['hf']:,.0f} | {r['loss_first']:.3f} → "
               f"{r['loss_last']['ours']:.4f} / {r['loss_last']['hf']:.4f} | {r['max_gap']:.1e} | "
               f"{100 * r['mfu']['ours']:.1f}% / {100 * r['mfu']['hf']:.1f}% |", flush=True)
+        if "torch_gemm" in r["tps"]:
+            print(f"|   ↳ ours, torch GEMM | | | {r['tps']['torch_gemm']:,.0f} | | **{r['torch_gemm_ratio']:.2f}×** | | | "
+                  f"→ {r['loss_last']['torch_gemm']:.4f} | | {100 * r['mfu']['torch_gemm']:.1f}% |", flush=True)
         if args.compile:
             print(f"|   ↳ ours, torch.compile | | | {r['tps']['compiled']:,.0f} | | **{r['compiled_ratio']:.2f}×** | | | "
                   f"→ {r['loss_last']['compiled']:.4f} | | {100 * r['mfu']['compiled']:.1f}% |", flush=True)
-    print(f"\nCPU fp32 matmul peak (2048² matmul, measured): {r['peak_gflops']:,.0f} GFLOP/s")
+    print(f"\nCPU fp32 matmul peak (2048² matmul, the faster of torch and oneDNN, measured): "
+          f"{r['peak_gflops']:,.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoforge.model.config import ModelConfig
+from nanoforge.model.gemm import Linear, linear, mm_nn, mm_nt, mm_tn
 
 
 class RMSNorm(nn.Module):
@@ -75,10 +76,10 @@ class Attention(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        self.wq = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=False)
-        self.wk = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
-        self.wv = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
-        self.wo = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
+        self.wq = Linear(c.d_model, c.n_heads * c.head_dim)
+        self.wk = Linear(c.d_model, c.n_kv_heads * c.head_dim)
+        self.wv = Linear(c.d_model, c.n_kv_heads * c.head_dim)
+        self.wo = Linear(c.n_heads * c.head_dim, c.d_model)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -107,9 +108,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.w1 = nn.Linear(c.d_model, c.ffn_dim, bias=False)
-        self.w2 = nn.Linear(c.ffn_dim, c.d_model, bias=False)
-        self.w3 = nn.Linear(c.d_model, c.ffn_dim, bias=False)
+        self.w1 = Linear(c.d_model, c.ffn_dim)
+        self.w2 = Linear(c.ffn_dim, c.d_model)
+        self.w3 = Linear(c.d_model, c.ffn_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -137,7 +138,7 @@ class LLaMA(nn.Module):
         self.tok_embeddings = nn.Embedding(V, config.d_model)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.output = None if config.tie_embeddings else nn.Linear(config.d_model, V, bias=False)
+        self.output = None if config.tie_embeddings else Linear(config.d_model, V)
         cos, sin = rope_cache(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -188,7 +189,7 @@ class LLaMA(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         w = self.tok_embeddings.weight if self.output is None else self.output.weight
-        logits = F.linear(h, w)
+        logits = linear(h, w)
         V = self.config.vocab_size
         return logits[..., :V] if logits.shape[-1] != V else logits
 
@@ -236,7 +237,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows = max(32, (1 << 20) // V)  # ~4 MB of fp32 logits per chunk
         for s in range(0, N, rows):
             hc, tc, vc = h[s:s + rows], targets[s:s + rows], valid[s:s + rows]
-            logits = hc @ w.T
+            logits = mm_nt(hc, w)
             safe = tc.clamp(min=0).unsqueeze(1)
             target_logit = logits.gather(1, safe).squeeze(1)
             top = logits.amax(dim=1, keepdim=True)
@@ -246,8 +247,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs.div_(total)
             probs.scatter_add_(1, safe, -vc.to(probs.dtype).unsqueeze(1))
             probs.mul_(vc.to(probs.dtype).unsqueeze(1) / count)
-            torch.mm(probs, w, out=grad_h[s:s + rows])
-            grad_w.addmm_(probs.T, hc)
+            grad_h[s:s + rows] = mm_nn(probs, w)
+            grad_w += mm_tn(probs, hc)
         ctx.save_for_backward(grad_h, grad_w)
         return loss / count
 

@@ -163,7 +163,9 @@ def tokenizer_section(r: dict[str, Any]) -> str:
 def environment() -> dict[str, str]:
     import torch
 
-    env = {"CPU": _cpu_name(), "CPU cores": str(os.cpu_count())}
+    from nanoforge.model import gemm
+
+    env = {"CPU": gemm.cpu_name(), "CPU cores": str(os.cpu_count())}
     try:
         import psutil
 
@@ -174,6 +176,7 @@ def environment() -> dict[str, str]:
         env["GPU"] = f"{torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}"
     else:
         env["GPU"] = "none"
+        env["CPU fp32 GEMM"] = "oneDNN" if gemm.use_onednn() else "torch default (MKL/OpenBLAS)"
     env.update({"OS": platform.platform(), "Python": platform.python_version(), "torch": torch.__version__,
                 "nanoforge": __version__, "git commit": git_commit() or "not a git checkout"})
     return env
@@ -193,16 +196,6 @@ def git_commit() -> str | None:
     if out.returncode != 0:
         return None
     return out.stdout.strip() + (" (modified)" if dirty.stdout.strip() else "")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def disk_rows(r: dict[str, Any], run_dir: Path) -> list[list[str]]:

@@ -43,6 +43,12 @@ def setup(device_type: str) -> DistInfo:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
         initialized_here = True
+    if device_type == "cpu":  # rank 0 alone measures which GEMM library to use; every rank does the same
+        from nanoforge.model import gemm
+
+        flag = torch.tensor([int(gemm.use_onednn()) if rank == 0 else 0])
+        dist.broadcast(flag, src=0)
+        gemm.set_onednn(bool(flag.item()))
     return DistInfo(rank, local_rank, world, initialized_here)
 
 

@@ -120,6 +120,10 @@ class _Trainer:
         self.raw = raw
         model: torch.nn.Module = D.wrap(raw, info, tc.parallel, self.device)
         if _flag(tc.compile, self.device.type == "cuda"):
+            if self.device.type == "cpu":
+                from nanoforge.model import gemm
+
+                gemm.use_onednn()  # decided before tracing: the compiled graph keeps the choice
             model = torch.compile(model)
         self.model = model
         self.optimizer = build_optimizer(model, tc, self.device.type)

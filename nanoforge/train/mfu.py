@@ -1,18 +1,19 @@
 """Model FLOPs utilisation: achieved training FLOPs / the device's peak.
 
 GPU peaks come from a table of dense bf16 tensor-core numbers (datasheets); on a CPU the peak is measured
-with a large fp32 matmul (once per process) and the highest measurement so far is kept in
-$NANOFORGE_HOME/cache/cpu_peak_flops.json per CPU, thread count and torch version.
+with a large fp32 matmul, the faster of torch's and oneDNN's (once per process), and the highest
+measurement so far is kept in $NANOFORGE_HOME/cache/cpu_peak_flops.json per CPU, thread count and torch
+version.
 """
 
 from __future__ import annotations
 
-import platform
 import time
 
 import torch
 
 from nanoforge import home
+from nanoforge.model import gemm
 
 # Dense bf16 peak FLOP/s; matched against torch.cuda.get_device_name() in order (longest names first).
 GPU_PEAK_FLOPS = [
@@ -44,7 +45,7 @@ def cpu_peak_flops(size: int = 1024, seconds: float = 0.3) -> float:
     """fp32 matmul FLOP/s of this CPU with torch's current thread count: the best of a few bursts, measured
     once per process and combined with the best earlier measurement, kept in the on-disk cache. Other jobs on
     the machine can only lower a measurement, and a too-low peak inflates MFU, so the cache keeps the highest."""
-    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|{torch.__version__}"
+    key = f"{gemm.cpu_name()}|threads={torch.get_num_threads()}|{torch.__version__}"
     if key in _measured:
         return _measured[key]
     cache = home.home() / "cache" / "cpu_peak_flops.json"
@@ -64,26 +65,20 @@ def cpu_peak_flops(size: int = 1024, seconds: float = 0.3) -> float:
     return flops
 
 
-def _cpu_name() -> str:
-    """The CPU model (from /proc/cpuinfo on Linux, where platform.processor() is often empty), so that one
-    $NANOFORGE_HOME shared by machines with different CPUs keeps one peak per CPU."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _measure_matmul(size: int, seconds: float) -> float:
+    """The faster of torch's matmul and oneDNN's (see nanoforge.model.gemm): the machine's peak is what its
+    best fp32 GEMM reaches, whichever library a model happens to call."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm up
+    fns = [lambda: a @ b]
+    if gemm.onednn_available():
+        fns.append(lambda: gemm.onednn_mm_nt(a, b))
+    for f in fns:  # warm up
+        f()
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:  # bursts: other processes on the machine only lower some of them
-        t0 = time.perf_counter()
-        for _ in range(3):
-            a @ b
-        best = max(best, 3 * 2 * size ** 3 / (time.perf_counter() - t0))
+        for f in fns:
+            t0 = time.perf_counter()
+            for _ in range(3):
+                f()
+            best = max(best, 3 * 2 * size ** 3 / (time.perf_counter() - t0))
     return best

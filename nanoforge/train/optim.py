@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanoforge.model import gemm
+
 
 def lr_multiplier(step: int, max_steps: int, *, schedule: str, warmup_steps: int, min_lr_frac: float = 0.0,
                   cooldown_frac: float = 0.2) -> float:
@@ -52,10 +54,11 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5) -> torch.Tensor
     if transposed:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
-        A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
+    nt, nn_ = (gemm.mm_nt, gemm.mm_nn) if X.dim() == 2 else (lambda p, q: p @ q.mT, torch.matmul)
+    for _ in range(steps):  # 2-D products on a CPU go through oneDNN where it is faster (model/gemm.py)
+        A = nt(X, X)
+        B = b * A + c * nn_(A, A)
+        X = a * X + nn_(B, X)
     if transposed:
         X = X.mT
     return X.to(G.dtype)

@@ -1,0 +1,209 @@
+"""fp32 matrix products on the CPU through oneDNN, where oneDNN is faster than torch's default BLAS.
+
+On the CPU, `torch.mm` and `F.linear` call MKL, and MKL uses its AVX-512 kernels only on Intel CPUs: on an
+AMD EPYC with AVX-512 it runs AVX2 code at about half of the machine's fp32 peak. oneDNN, which every
+PyTorch CPU build bundles (`torch.ops.mkldnn._linear_pointwise`), picks kernels by CPU feature, not by
+vendor. It is the same IEEE fp32 arithmetic (no bf16 or tf32 shortcuts); only the summation order
+differs, so results differ from MKL's in the last bits.
+
+Which library to use is measured once per CPU, thread count and torch version (a 1024-cubed product each
+way) and kept in $NANOFORGE_HOME/cache/cpu_gemm.json, so every later run on the machine, a resumed
+run included, does the same arithmetic. oneDNN is chosen only when it is at least 1.25× faster.
+NANOFORGE_CPU_GEMM=onednn|torch overrides the measurement.
+
+    y = linear(x, w)          # x @ w.T, differentiable; oneDNN on CPU fp32 when chosen, else F.linear
+    c = mm_nt(a, b)           # a @ b.T   (no autograd)
+    c = mm_nn(a, b)           # a @ b     (no autograd)
+    c = mm_tn(a, b)           # a.T @ b   (no autograd)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoforge import home
+from nanoforge.errors import UserError
+
+ENV = "NANOFORGE_CPU_GEMM"
+MIN_SPEEDUP = 1.25
+MIN_ROWS = 4  # below this (one-token decoding) torch's GEMV has less overhead
+
+_choice: dict[str, bool] = {}
+_last: list = [None, False]  # [thread count, choice]: the per-call fast path
+
+
+def onednn_mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T through oneDNN, unconditionally (a [..., K], b [N, K], fp32 on the CPU)."""
+    if torch.compiler.is_compiling():
+        return _compiled_mm_nt(a, b)
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
+# Under torch.compile the product is an opaque op (inductor's own lowering of _linear_pointwise expects a
+# pre-packed inference weight); inductor still fuses everything around it.
+@torch.library.custom_op("nanoforge::onednn_mm_nt", mutates_args=())
+def _compiled_mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
+@_compiled_mm_nt.register_fake
+def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.new_empty((*a.shape[:-1], b.shape[0]))
+
+
+_lp = onednn_mm_nt
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def use_onednn() -> bool:
+    """Whether CPU fp32 products go through oneDNN in this process (decided once per thread count, see the
+    module doc). Under torch.compile it returns the decision made before compiling."""
+    if torch.compiler.is_compiling():
+        return _last[1]
+    threads = torch.get_num_threads()
+    if _last[0] == threads:
+        return _last[1]
+    key = f"{cpu_name()}|threads={threads}|{torch.__version__}"
+    if key not in _choice:
+        env = os.environ.get(ENV, "auto").strip().lower()
+        if env not in ("auto", "onednn", "torch"):
+            raise UserError(f"{ENV}={env!r}: expected auto, onednn or torch")
+        if not onednn_available():
+            _choice[key] = False
+        elif env != "auto":
+            _choice[key] = env == "onednn"
+        else:
+            _choice[key] = _cached_choice(key)
+    _last[:] = [threads, _choice[key]]
+    return _choice[key]
+
+
+def set_onednn(flag: bool) -> None:
+    """Fix the choice for this process (distributed ranks adopt rank 0's, so all do the same arithmetic)."""
+    flag = bool(flag) and onednn_available()
+    _choice[f"{cpu_name()}|threads={torch.get_num_threads()}|{torch.__version__}"] = flag
+    _last[:] = [torch.get_num_threads(), flag]
+
+
+@functools.cache
+def cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo on Linux, where platform.processor() is often empty), so that one
+    $NANOFORGE_HOME shared by machines with different CPUs keeps one measurement per CPU."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cached_choice(key: str) -> bool:
+    cache = home.home() / "cache" / "cpu_gemm.json"
+    try:
+        known = home.read_json(cache) if cache.exists() else {}
+    except Exception:  # noqa: BLE001 - a broken cache is re-measured
+        known = {}
+    if key in known and isinstance(known[key], dict) and "onednn" in known[key]:
+        return bool(known[key]["onednn"])
+    t_torch, t_onednn = measure()
+    choice = t_torch >= MIN_SPEEDUP * t_onednn
+    known[key] = {"onednn": choice, "torch_gflops": round(2 * 1024 ** 3 / t_torch / 1e9, 1),
+                  "onednn_gflops": round(2 * 1024 ** 3 / t_onednn / 1e9, 1)}
+    try:
+        home.atomic_write_json(cache, known)
+    except OSError:
+        pass
+    return choice
+
+
+def measure(size: int = 1024, seconds: float = 0.2) -> tuple[float, float]:
+    """Fastest time of a size³ fp32 product with torch (a @ b.T) and with oneDNN, alternating bursts so
+    that other load on the machine hits both alike."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = {"torch": float("inf"), "onednn": float("inf")}
+    fns = {"torch": lambda: a @ b.T, "onednn": lambda: _lp(a, b)}
+    for f in fns.values():
+        f()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best["torch"], best["onednn"]
+
+
+def _eligible(*ts: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts) \
+        and not torch.is_autocast_enabled("cpu") and use_onednn()
+
+
+def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T for a [M, K], b [N, K]."""
+    if a.shape[0] >= MIN_ROWS and _eligible(a, b):
+        return _lp(a, b)
+    return a @ b.T
+
+
+def mm_nn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for a [M, K], b [K, N]."""
+    if a.shape[0] >= MIN_ROWS and _eligible(a, b):
+        return _lp(a, b.T)
+    return a @ b
+
+
+def mm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a.T @ b for a [K, M], b [K, N] (a weight gradient: K is the number of tokens), contiguous [M, N]."""
+    if not _eligible(a, b):
+        return a.T @ b
+    # oneDNN's product A @ B.T is fastest with the larger output side as B's rows.
+    if a.shape[1] <= b.shape[1]:
+        return _lp(a.T, b.T)
+    return _lp(b.T, a.T).T.contiguous()
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return _lp(x, w)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, w = ctx.saved_tensors
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = _lp(gy, w.T)
+        if ctx.needs_input_grad[1]:
+            gw = mm_tn(gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1]))
+        return gx, gw
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T (no bias) with autograd; oneDNN for CPU fp32 products of at least MIN_ROWS rows when chosen."""
+    if x.numel() >= MIN_ROWS * x.shape[-1] and _eligible(x, w):
+        return _Linear.apply(x, w)
+    return F.linear(x, w)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias whose product goes through `linear` (same parameters and state dict)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
