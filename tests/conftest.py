@@ -11,11 +11,26 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CORPUS = SHARED / "corpus"
 
 
+@pytest.fixture(scope="session")
+def cpu_gemm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The CPU GEMM library this machine uses (nanoforge/model/gemm.py), measured once for the session."""
+    from nanoforge.model import gemm
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOFORGE_HOME", str(tmp_path_factory.mktemp("gemm_home")))
+        mp.delenv("NANOFORGE_CPU_GEMM", raising=False)
+        return "onednn" if gemm.use_onednn() else "torch"
+
+
 @pytest.fixture(autouse=True)
-def nanoforge_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own empty data home, so nothing touches the user's ~/.cache/nanoforge."""
+def nanoforge_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, cpu_gemm: str) -> Path:
+    """Every test gets its own empty data home, so nothing touches the user's ~/.cache/nanoforge. The
+    session's GEMM choice is passed on to child processes (torchrun ranks, CLI runs), so that runs a test
+    compares bit for bit do the same arithmetic even if a fresh measurement in a busy child came out
+    differently."""
     home = tmp_path_factory.mktemp("nanoforge_home")
     monkeypatch.setenv("NANOFORGE_HOME", str(home))
+    monkeypatch.setenv("NANOFORGE_CPU_GEMM", cpu_gemm)
     return home
 
 
