@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,12 @@ CORPUS = SHARED / "corpus"
 
 @pytest.fixture(scope="session")
 def cpu_gemm(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The CPU GEMM library this machine uses (nanoforge/model/gemm.py), measured once for the session."""
+    """The CPU GEMM library this machine uses (nanoforge/model/gemm.py), measured once for the session, or
+    the one NANOFORGE_CPU_GEMM names (`NANOFORGE_CPU_GEMM=torch make test` tests the other path)."""
     from nanoforge.model import gemm
+
+    if os.environ.get("NANOFORGE_CPU_GEMM", "auto") in ("onednn", "torch"):
+        return os.environ["NANOFORGE_CPU_GEMM"]
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOFORGE_HOME", str(tmp_path_factory.mktemp("gemm_home")))
