@@ -89,22 +89,21 @@ def batches(vocab: int, batch: int, seq: int, n: int) -> list[tuple[torch.Tensor
     return [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in ids]
 
 
-def step_ours(model: LLaMA, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
-    gemm.set_onednn(ONEDNN)
-    loss = model(x, y)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.item()
+def ours_step(onednn: bool):
+    """Our training step with the given CPU GEMM library (see nanoforge/model/gemm.py)."""
+
+    def step(model: LLaMA, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+        gemm.set_onednn(onednn)
+        loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
 
 
-def step_ours_torch_gemm(model: LLaMA, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
-    gemm.set_onednn(False)
-    loss = model(x, y)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.item()
+step_ours = ours_step(ONEDNN)
 
 
 def step_hf(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -180,7 +179,7 @@ def bench(shape: str, steps: int, warmup: int, compile: bool = False) -> dict:
     if ONEDNN:  # a copy of our weights on torch's GEMM, Hugging Face's
         twin = LLaMA(c)
         twin.load_state_dict(ours.state_dict())
-        runs.append(("torch_gemm", twin, torch.optim.AdamW(twin.parameters(), lr=1e-3), step_ours_torch_gemm))
+        runs.append(("torch_gemm", twin, torch.optim.AdamW(twin.parameters(), lr=1e-3), ours_step(False)))
     if compile:  # another copy, torch.compile'd (inductor's C++ kernels on CPU)
         twin = LLaMA(c)
         twin.load_state_dict(ours.state_dict())
