@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,13 @@ from nanoforge.errors import UserError
 from nanoforge.pipeline.ablate import cell_name, cells, comparison_table, load_grid
 from nanoforge.pipeline.report import markdown_to_html
 from nanoforge.pipeline.stages import StageRunner
-from nanoforge.pipeline.stdlib_corpus import META, build_stdlib_corpus
+from nanoforge.pipeline.stdlib_corpus import META, VERSION, build_stdlib_corpus
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def test_stdlib_corpus_is_deterministic_and_nontrivial(tmp_path: Path) -> None:
+def test_stdlib_corpus_is_deterministic_and_nontrivial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANOFORGE_TEST_TOKEN", "tok-5e3c7a91")  # a user's secret must never reach the text
     a = build_stdlib_corpus(tmp_path / "a")
     b = build_stdlib_corpus(tmp_path / "b")
     docs_a, docs_b = list(iter_documents(a)), list(iter_documents(b))
@@ -30,8 +32,17 @@ def test_stdlib_corpus_is_deterministic_and_nontrivial(tmp_path: Path) -> None:
     assert "JSON" in json_doc and "dumps(" in json_doc
     assert not any(d.startswith(("Module antigravity", "Module this\n", "Module tkinter")) for d in docs_a)
     assert not any(" at 0x" in d for d in docs_a)  # no memory addresses: they would break determinism
+    text = "\n".join(docs_a)
+    assert "tok-5e3c7a91" not in text
+    cgi = next((d for d in docs_a if d.startswith("Module cgi\n")), None)  # removed in Python 3.13
+    assert cgi is None or "environ=os.environ" in cgi  # FieldStorage's default, shown by name
+    assert sys.executable not in text and str(Path(__file__).resolve().parents[1]) not in text
     meta = json.loads((a / META).read_text())
-    assert meta["documents"] == len(docs_a)
+    assert meta["documents"] == len(docs_a) and meta["version"] == VERSION
+    del meta["version"]  # a corpus from before version 2 (which could hold the environment) is rebuilt
+    (a / META).write_text(json.dumps(meta))
+    build_stdlib_corpus(a)
+    assert json.loads((a / META).read_text())["version"] == VERSION
 
 
 def test_stage_is_skipped_while_inputs_and_outputs_match(tmp_path: Path) -> None:

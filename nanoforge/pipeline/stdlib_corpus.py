@@ -34,6 +34,7 @@ SKIP = {
 SHARD_DOCS = 100  # documents per parquet shard
 MIN_CHARS = 200   # modules with less documentation than this are dropped
 META = ".stdlib-corpus.json"  # hidden: corpus readers take every .json file for documents
+VERSION = 2  # 2: signatures no longer show this machine's environment or paths (os.environ, sys.executable)
 
 
 def corpus_name() -> str:
@@ -48,7 +49,7 @@ def build_stdlib_corpus(out: str | os.PathLike | None = None, *, force: bool = F
     import pyarrow.parquet as pq
 
     out = Path(out) if out else home.corpus_dir(corpus_name())
-    if (out / META).is_file() and not force:
+    if (out / META).is_file() and not force and _version(out / META) == VERSION:
         return out
     docs = collect_documents(timeout=timeout)
     with home.atomic_dir(out, force=True, what="corpus folder") as tmp:
@@ -56,18 +57,27 @@ def build_stdlib_corpus(out: str | os.PathLike | None = None, *, force: bool = F
             table = pa.table({"text": [text for _, text in docs[i:i + SHARD_DOCS]]})
             pq.write_table(table, tmp / f"shard_{i // SHARD_DOCS:05d}.parquet", compression="zstd")
         home.atomic_write_json(tmp / META, {
-            "source": "python-stdlib-docstrings", "python": sys.version.split()[0],
+            "source": "python-stdlib-docstrings", "version": VERSION, "python": sys.version.split()[0],
             "documents": len(docs), "characters": sum(len(t) for _, t in docs),
             "modules": [m for m, _ in docs]})
     progress.log(f"stdlib corpus: {len(docs)} documents, {sum(len(t) for _, t in docs) / 1e6:.1f}M chars -> {out}")
     return out
 
 
+def _version(meta: Path) -> int:
+    try:
+        return int(json.loads(meta.read_text(encoding="utf-8")).get("version", 1))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 def collect_documents(timeout: float = 600.0) -> list[tuple[str, str]]:
     """(module, text) for every importable standard-library module, sorted by module name."""
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONWARNINGS": "ignore", "DISPLAY": "",
-           "BROWSER": "true"}
     with _tmpfile() as result:
+        # A fixed, minimal environment: nothing of the user's (tokens, paths) can reach the text, and the
+        # corpus is the same on every machine with the same Python.
+        env = {"PATH": os.defpath, "HOME": str(result.parent), "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
+               "PYTHONWARNINGS": "ignore", "DISPLAY": "", "BROWSER": "true"}
         try:
             proc = subprocess.run([sys.executable, "-I", "-c", _CHILD, str(result), json.dumps(sorted(SKIP))],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -102,7 +112,7 @@ class _tmpfile:
 # Runs in the child: walks sys.stdlib_module_names (and their submodules), imports each under a guard,
 # writes [[module, text], ...] as JSON. Kept as source text so the child needs nothing from nanoforge.
 _CHILD = r'''
-import importlib, inspect, io, json, os, pkgutil, re, sys, warnings
+import importlib, inspect, io, json, os, pkgutil, re, sys, sysconfig, warnings
 warnings.simplefilter("ignore")
 out, skip = sys.argv[1], set(json.loads(sys.argv[2]))
 sys.stdout = io.StringIO(); sys.stderr = io.StringIO()
@@ -112,11 +122,42 @@ def clean(doc):
     doc = inspect.cleandoc(doc or "").strip()
     return ADDR.sub("", doc)
 
+class Named:
+    """A default value shown by name: `environ=os.environ`, not the environment's contents."""
+    def __init__(self, name):
+        self.name = name
+    def __repr__(self):
+        return self.name
+
+LOCAL = {id(os.environ): "os.environ", id(sys.path): "sys.path", id(sys.argv): "sys.argv"}
+LOCAL_STR = {v: k for k, v in [("sys.executable", sys.executable), ("sys.prefix", sys.prefix),
+                               ("sys.exec_prefix", sys.exec_prefix), ("sys.base_prefix", sys.base_prefix),
+                               ("os.getcwd()", os.getcwd()), ("os.path.expanduser('~')", os.path.expanduser("~"))]
+                                + [(f"sysconfig.get_path({k!r})", v) for k, v in sysconfig.get_paths().items()]
+             if v}
+
+def machine_free(default):
+    """None when the default is the same everywhere; else the name to show instead of its value."""
+    if id(default) in LOCAL:
+        return LOCAL[id(default)]
+    if isinstance(default, str) and default in LOCAL_STR:
+        return LOCAL_STR[default]
+    return None
+
 def signature(obj):
     try:
-        return ADDR.sub("", str(inspect.signature(obj)))
+        sig = inspect.signature(obj)
     except (TypeError, ValueError):
         return "(...)"
+    params = []
+    for p in sig.parameters.values():
+        name = machine_free(p.default) if p.default is not p.empty else None
+        params.append(p.replace(default=Named(name)) if name else p)
+    try:
+        sig = sig.replace(parameters=params)
+    except (TypeError, ValueError):
+        pass
+    return ADDR.sub("", str(sig))
 
 def describe(mod):
     name = mod.__name__
