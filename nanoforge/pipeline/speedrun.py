@@ -99,7 +99,9 @@ def _run_stages(runner: StageRunner, cfg: RunConfig, data: str | None) -> dict[s
 # --- data ------------------------------------------------------------------------------------------------
 def _data_inputs(data: str | None) -> dict[str, Any]:
     if data is None:
-        return {"source": "stdlib", "python": sys.version.split()[0]}
+        from nanoforge.pipeline.stdlib_corpus import VERSION
+
+        return {"source": "stdlib", "python": sys.version.split()[0], "corpus_version": VERSION}
     if data.startswith("hf:"):
         repo, shards = _parse_hf(data)
         return {"source": "hf", "repo": repo, "shards": shards}
