@@ -167,14 +167,22 @@ def test_bad_eval_inputs_end_in_one_line_and_exit_2(tmp_path: Path, capsys: pyte
 
 
 @pytest.mark.corpus
-def test_ctrl_c_during_real_training_leaves_no_folder(corpus_de: Path, nanoforge_home: Path) -> None:
+def test_ctrl_c_during_real_training_leaves_no_folder(corpus_de: Path, corpus_en: Path, nanoforge_home: Path,
+                                                     tmp_path: Path) -> None:
     import os
     import signal
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "nanoforge", "tokenizer", "train", "--data", str(corpus_de),
-                             "--vocab-size", "8192", "--backend", "python", "--name", "big"],
+    # de + en three times over (75 M characters) at vocab 32,768: ~10 s of work uninterrupted, so SIGINT
+    # lands mid-job even when this process is scheduled late on a busy machine.
+    both = tmp_path / "de+en"
+    both.mkdir()
+    for copy in range(3):
+        for shard in [*sorted(corpus_de.glob("*.parquet")), *sorted(corpus_en.glob("*.parquet"))]:
+            (both / f"{copy}_{shard.parent.name}_{shard.name}").symlink_to(shard)
+    proc = subprocess.Popen([sys.executable, "-m", "nanoforge", "tokenizer", "train", "--data", str(both),
+                             "--vocab-size", "32768", "--backend", "python", "--name", "big"],
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, NANOFORGE_HOME=str(nanoforge_home)))
     assert "reading shard 1/" in proc.stderr.readline() + proc.stderr.readline()
     proc.send_signal(signal.SIGINT)

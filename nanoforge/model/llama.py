@@ -232,7 +232,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         valid = targets != -1
         count = valid.sum().clamp(min=1).to(h.dtype)
         grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(w)
+        grad_wt = w.new_zeros(w.shape[1], V)  # [d, V]: the layout the chunk products come out in
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         rows = max(32, (1 << 20) // V)  # ~4 MB of fp32 logits per chunk
         for s in range(0, N, rows):
@@ -248,8 +248,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs.scatter_add_(1, safe, -vc.to(probs.dtype).unsqueeze(1))
             probs.mul_(vc.to(probs.dtype).unsqueeze(1) / count)
             grad_h[s:s + rows] = mm_nn(probs, w)
-            grad_w += mm_tn(probs, hc)
-        ctx.save_for_backward(grad_h, grad_w)
+            grad_wt += mm_tn(hc, probs)
+        ctx.save_for_backward(grad_h, grad_wt.T.contiguous())
         return loss / count
 
     @staticmethod
