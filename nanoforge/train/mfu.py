@@ -8,8 +8,6 @@ version.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from nanoforge import home
@@ -68,17 +66,4 @@ def cpu_peak_flops(size: int = 1024, seconds: float = 0.3) -> float:
 def _measure_matmul(size: int, seconds: float) -> float:
     """The faster of torch's matmul and oneDNN's (see nanoforge.model.gemm): the machine's peak is what its
     best fp32 GEMM reaches, whichever library a model happens to call."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    fns = [lambda: a @ b]
-    if gemm.onednn_available():
-        fns.append(lambda: gemm.onednn_mm_nt(a, b))
-    for f in fns:  # warm up
-        f()
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:  # bursts: other processes on the machine only lower some of them
-        for f in fns:
-            t0 = time.perf_counter()
-            for _ in range(3):
-                f()
-            best = max(best, 3 * 2 * size ** 3 / (time.perf_counter() - t0))
-    return best
+    return 2 * size ** 3 / min(gemm.measure(size, seconds))
