@@ -19,14 +19,13 @@ needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="this torc
 @pytest.fixture(autouse=True)
 def fresh_choice(monkeypatch: pytest.MonkeyPatch):
     """Each test decides anew; the process's decision is restored afterwards."""
-    saved_choice, saved_last = dict(gemm._choice), list(gemm._last)
+    saved_choice, saved_current = dict(gemm._choice), list(gemm._current)
     gemm._choice.clear()
-    gemm._last[:] = [None, False]
     monkeypatch.delenv(gemm.ENV, raising=False)
     yield
     gemm._choice.clear()
     gemm._choice.update(saved_choice)
-    gemm._last[:] = saved_last
+    gemm._current[:] = saved_current
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,7 +97,6 @@ def test_choice_is_measured_once_and_cached(monkeypatch: pytest.MonkeyPatch, nan
     entry = next(iter(json.loads(cache.read_text()).values()))
     assert entry["onednn"] is True and entry["onednn_gflops"] > entry["torch_gflops"]
     gemm._choice.clear()
-    gemm._last[:] = [None, False]
     assert gemm.use_onednn() is True and len(calls) == 1  # read back from the cache, not measured again
 
 
@@ -113,7 +111,6 @@ def test_env_override_and_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(gemm.ENV, "torch")
     assert gemm.use_onednn() is False
     gemm._choice.clear()
-    gemm._last[:] = [None, False]
     monkeypatch.setenv(gemm.ENV, "mkl")
     with pytest.raises(UserError, match="NANOFORGE_CPU_GEMM='mkl': expected auto, onednn or torch"):
         gemm.use_onednn()

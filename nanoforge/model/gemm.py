@@ -34,10 +34,11 @@ from nanoforge.errors import UserError
 
 ENV = "NANOFORGE_CPU_GEMM"
 MIN_SPEEDUP = 1.25
+MEASURE_SIZE = 1024
 MIN_ROWS = 4  # below this (one-token decoding) torch's GEMV has less overhead
 
-_choice: dict[str, bool] = {}
-_last: list = [None, False]  # [thread count, choice]: the per-call fast path
+_choice: dict[int, bool] = {}  # torch thread count -> the decision, in this process
+_current = [False]  # the latest decision: what a graph traced by torch.compile keeps
 
 
 def onednn_mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -70,30 +71,29 @@ def use_onednn() -> bool:
     """Whether CPU fp32 products go through oneDNN in this process (decided once per thread count, see the
     module doc). Under torch.compile it returns the decision made before compiling."""
     if torch.compiler.is_compiling():
-        return _last[1]
+        return _current[0]
     threads = torch.get_num_threads()
-    if _last[0] == threads:
-        return _last[1]
-    key = f"{cpu_name()}|threads={threads}|{torch.__version__}"
-    if key not in _choice:
-        env = os.environ.get(ENV, "auto").strip().lower()
-        if env not in ("auto", "onednn", "torch"):
-            raise UserError(f"{ENV}={env!r}: expected auto, onednn or torch")
-        if not onednn_available():
-            _choice[key] = False
-        elif env != "auto":
-            _choice[key] = env == "onednn"
-        else:
-            _choice[key] = _cached_choice(key)
-    _last[:] = [threads, _choice[key]]
-    return _choice[key]
+    choice = _choice.get(threads)
+    if choice is None:
+        choice = _choice[threads] = _decide(threads)
+    _current[0] = choice
+    return choice
 
 
 def set_onednn(flag: bool) -> None:
     """Fix the choice for this process (distributed ranks adopt rank 0's, so all do the same arithmetic)."""
-    flag = bool(flag) and onednn_available()
-    _choice[f"{cpu_name()}|threads={torch.get_num_threads()}|{torch.__version__}"] = flag
-    _last[:] = [torch.get_num_threads(), flag]
+    _choice[torch.get_num_threads()] = _current[0] = bool(flag) and onednn_available()
+
+
+def _decide(threads: int) -> bool:
+    env = os.environ.get(ENV, "auto").strip().lower()
+    if env not in ("auto", "onednn", "torch"):
+        raise UserError(f"{ENV}={env!r}: expected auto, onednn or torch")
+    if not onednn_available():
+        return False
+    if env != "auto":
+        return env == "onednn"
+    return _cached_choice(f"{cpu_name()}|threads={threads}|{torch.__version__}")
 
 
 @functools.cache
@@ -120,8 +120,9 @@ def _cached_choice(key: str) -> bool:
         return bool(known[key]["onednn"])
     t_torch, t_onednn = measure()
     choice = t_torch >= MIN_SPEEDUP * t_onednn
-    known[key] = {"onednn": choice, "torch_gflops": round(2 * 1024 ** 3 / t_torch / 1e9, 1),
-                  "onednn_gflops": round(2 * 1024 ** 3 / t_onednn / 1e9, 1)}
+    flops = 2 * MEASURE_SIZE ** 3
+    known[key] = {"onednn": choice, "torch_gflops": round(flops / t_torch / 1e9, 1),
+                  "onednn_gflops": round(flops / t_onednn / 1e9, 1)}
     try:
         home.atomic_write_json(cache, known)
     except OSError:
@@ -129,7 +130,7 @@ def _cached_choice(key: str) -> bool:
     return choice
 
 
-def measure(size: int = 1024, seconds: float = 0.2) -> tuple[float, float]:
+def measure(size: int = MEASURE_SIZE, seconds: float = 0.2) -> tuple[float, float]:
     """Fastest time of a size³ fp32 product with torch (a @ b.T) and with oneDNN (inf without it), in
     alternating bursts so that other load on the machine hits both alike and can only slow some bursts."""
     a, b = torch.randn(size, size), torch.randn(size, size)
