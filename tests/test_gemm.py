@@ -62,6 +62,8 @@ def test_products_match_torch(m: int, n: int) -> None:
     a, b = torch.randn(500, m, generator=g), torch.randn(500, n, generator=g)
     assert _rel(gemm.mm_tn(a, b), a.double().T @ b.double()) < 1e-5
     assert gemm.mm_tn(a, b).is_contiguous()
+    acc = torch.ones(m, n)
+    assert _rel(gemm.add_mm_tn_(acc, a, b), 1 + a.double().T @ b.double()) < 1e-5
     c, d = torch.randn(40, m, generator=g), torch.randn(n, m, generator=g)
     assert _rel(gemm.mm_nt(c, d), c.double() @ d.double().T) < 1e-5
     assert _rel(gemm.mm_nn(c, d.T.contiguous()), c.double() @ d.double().T) < 1e-5
@@ -76,6 +78,9 @@ def test_torch_choice_and_single_rows_never_call_onednn(monkeypatch: pytest.Monk
     gemm.set_onednn(False)
     gemm.linear(x, w).sum().backward()
     gemm.mm_tn(torch.randn(9, 4), torch.randn(9, 5))
+    acc = torch.zeros(4, 5)
+    a, b = torch.randn(9, 4), torch.randn(9, 5)
+    assert torch.allclose(gemm.add_mm_tn_(acc, a, b), a.T @ b, atol=1e-5)
     gemm.set_onednn(True)
     gemm.linear(torch.randn(1, 16), w)  # one row (decoding one token): torch's GEMV
     gemm.linear(x.double(), w.double())  # not fp32

@@ -15,6 +15,7 @@ NANOFORGE_CPU_GEMM=onednn|torch overrides the measurement.
     c = mm_nt(a, b)           # a @ b.T   (no autograd)
     c = mm_nn(a, b)           # a @ b     (no autograd)
     c = mm_tn(a, b)           # a.T @ b   (no autograd)
+    add_mm_tn_(c, a, b)       # c += a.T @ b
 """
 
 from __future__ import annotations
@@ -176,6 +177,13 @@ def mm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape[1] <= b.shape[1]:
         return _lp(a.T, b.T)
     return _lp(b.T, a.T).T.contiguous()
+
+
+def add_mm_tn_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out += a.T @ b, in place (torch's addmm_ where oneDNN is not used: no temporary on a GPU)."""
+    if _eligible(a, b):
+        return out.add_(mm_tn(a, b))
+    return out.addmm_(a.T, b)
 
 
 class _Linear(torch.autograd.Function):

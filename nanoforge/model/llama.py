@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoforge.model.config import ModelConfig
-from nanoforge.model.gemm import Linear, linear, mm_nn, mm_nt, mm_tn
+from nanoforge.model.gemm import Linear, add_mm_tn_, linear, mm_nn, mm_nt
 
 
 class RMSNorm(nn.Module):
@@ -248,7 +248,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs.scatter_add_(1, safe, -vc.to(probs.dtype).unsqueeze(1))
             probs.mul_(vc.to(probs.dtype).unsqueeze(1) / count)
             grad_h[s:s + rows] = mm_nn(probs, w)
-            grad_wt += mm_tn(hc, probs)
+            add_mm_tn_(grad_wt, hc, probs)
         ctx.save_for_backward(grad_h, grad_wt.T.contiguous())
         return loss / count
 
