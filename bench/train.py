@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanoforge.model import LLaMA, ModelConfig, gemm  # noqa: E402
 from nanoforge.train.mfu import cpu_peak_flops  # noqa: E402
 
+TARGET = 1.15  # ours / Hugging Face tokens per second
 ONEDNN = gemm.use_onednn()  # this machine's choice, as `nanoforge train` makes it
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "de"
 SHAPES = {
@@ -235,8 +236,10 @@ def main() -> None:
     print("| shape | params | batch×seq | ours tok/s | HF tok/s | ratio | peak train mem ours/HF MB | "
           "activations ours/HF MB | loss first → last ours / HF | max loss gap | MFU ours / HF |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    verdicts = []
     for shape in args.shapes.split(","):
         r = bench(shape, args.steps, args.warmup, args.compile)
+        verdicts.append(f"{shape} {r['ratio']:.2f}× ({'met' if r['ratio'] >= TARGET else 'NOT met'})")
         print(f"| {shape} | {r['params'] / 1e6:.2f}M | {r['batch']}×{r['seq']} | {r['tps']['ours']:,.0f} | "
               f"{r['tps']['hf']:,.0f} | **{r['ratio']:.2f}×** ({r['best_ratio']:.2f}×) | {r['rss']['ours']:,.0f} / {r['rss']['hf']:,.0f} | "
               f"{r['act_mb']['ours']:,.0f} / {r['act_mb']['hf']:,.0f} | {r['loss_first']:.3f} → "
@@ -250,6 +253,7 @@ def main() -> None:
                   f"→ {r['loss_last']['compiled']:.4f} | | {100 * r['mfu']['compiled']:.1f}% |", flush=True)
     print(f"\nCPU fp32 matmul peak (2048² matmul, the faster of torch and oneDNN, measured): "
           f"{r['peak_gflops']:,.0f} GFLOP/s")
+    print(f"target: ours ≥ {TARGET}× Hugging Face's tokens/s (eager, median step): {'; '.join(verdicts)}")
 
 
 if __name__ == "__main__":
