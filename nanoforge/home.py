@@ -137,6 +137,25 @@ def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+def read_cache(name: str) -> dict[str, Any]:
+    """$NANOFORGE_HOME/cache/<name>.json (measurements of this machine); {} when absent or broken, so that
+    a damaged cache is measured again instead of stopping a run."""
+    path = home() / "cache" / f"{name}.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_cache(name: str, data: dict[str, Any]) -> None:
+    """Atomically replace cache/<name>.json; a read-only home only loses the cache."""
+    try:
+        atomic_write_json(home() / "cache" / f"{name}.json", data)
+    except OSError:
+        pass
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     """Load JSON, turning a missing or broken file into a one-line UserError naming it."""
     path = Path(path)

@@ -73,7 +73,7 @@ def test_torch_choice_and_single_rows_never_call_onednn(monkeypatch: pytest.Monk
     def boom(*args, **kwargs):
         raise AssertionError("oneDNN called")
 
-    monkeypatch.setattr(gemm, "_lp", boom)
+    monkeypatch.setattr(gemm, "_onednn_nt", boom)
     x, w = torch.randn(2, 8, 16, requires_grad=True), torch.randn(12, 16, requires_grad=True)
     gemm.set_onednn(False)
     gemm.linear(x, w).sum().backward()
@@ -103,6 +103,15 @@ def test_choice_is_measured_once_and_cached(monkeypatch: pytest.MonkeyPatch, nan
     assert entry["onednn"] is True and entry["onednn_gflops"] > entry["torch_gflops"]
     gemm._choice.clear()
     assert gemm.use_onednn() is True and len(calls) == 1  # read back from the cache, not measured again
+
+
+@needs_onednn
+def test_broken_cache_is_measured_again(monkeypatch: pytest.MonkeyPatch, nanoforge_home) -> None:
+    (nanoforge_home / "cache").mkdir(parents=True)
+    (nanoforge_home / "cache" / "cpu_gemm.json").write_text("{not json")
+    monkeypatch.setattr(gemm, "measure", lambda: (0.030, 0.010))
+    assert gemm.use_onednn() is True
+    assert json.loads((nanoforge_home / "cache" / "cpu_gemm.json").read_text())[gemm.machine_key()]["onednn"]
 
 
 @needs_onednn

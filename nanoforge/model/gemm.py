@@ -42,7 +42,7 @@ _choice: dict[int, bool] = {}  # torch thread count -> the decision, in this pro
 _current = [False]  # the latest decision: what a graph traced by torch.compile keeps
 
 
-def onednn_mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _onednn_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b.T through oneDNN, unconditionally (a [..., K], b [N, K], fp32 on the CPU)."""
     if torch.compiler.is_compiling():
         return _compiled_mm_nt(a, b)
@@ -59,9 +59,6 @@ def _compiled_mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @_compiled_mm_nt.register_fake
 def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.new_empty((*a.shape[:-1], b.shape[0]))
-
-
-_lp = onednn_mm_nt
 
 
 def onednn_available() -> bool:
@@ -94,7 +91,12 @@ def _decide(threads: int) -> bool:
         return False
     if env != "auto":
         return env == "onednn"
-    return _cached_choice(f"{cpu_name()}|threads={threads}|{torch.__version__}")
+    return _cached_choice(machine_key(threads))
+
+
+def machine_key(threads: int | None = None) -> str:
+    """What a measurement of this machine depends on: CPU model, torch thread count and torch version."""
+    return f"{cpu_name()}|threads={threads or torch.get_num_threads()}|{torch.__version__}"
 
 
 @functools.cache
@@ -112,22 +114,15 @@ def cpu_name() -> str:
 
 
 def _cached_choice(key: str) -> bool:
-    cache = home.home() / "cache" / "cpu_gemm.json"
-    try:
-        known = home.read_json(cache) if cache.exists() else {}
-    except Exception:  # noqa: BLE001 - a broken cache is re-measured
-        known = {}
-    if key in known and isinstance(known[key], dict) and "onednn" in known[key]:
+    known = home.read_cache("cpu_gemm")
+    if isinstance(known.get(key), dict) and "onednn" in known[key]:
         return bool(known[key]["onednn"])
     t_torch, t_onednn = measure()
     choice = t_torch >= MIN_SPEEDUP * t_onednn
     flops = 2 * MEASURE_SIZE ** 3
     known[key] = {"onednn": choice, "torch_gflops": round(flops / t_torch / 1e9, 1),
                   "onednn_gflops": round(flops / t_onednn / 1e9, 1)}
-    try:
-        home.atomic_write_json(cache, known)
-    except OSError:
-        pass
+    home.write_cache("cpu_gemm", known)
     return choice
 
 
@@ -137,7 +132,7 @@ def measure(size: int = MEASURE_SIZE, seconds: float = 0.2) -> tuple[float, floa
     a, b = torch.randn(size, size), torch.randn(size, size)
     fns = {"torch": lambda: a @ b.T}
     if onednn_available():
-        fns["onednn"] = lambda: _lp(a, b)
+        fns["onednn"] = lambda: _onednn_nt(a, b)
     best = {"torch": float("inf"), "onednn": float("inf")}
     for f in fns.values():  # warm up
         f()
@@ -158,31 +153,33 @@ def _eligible(*ts: torch.Tensor) -> bool:
 def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b.T for a [M, K], b [N, K]."""
     if a.shape[0] >= MIN_ROWS and _eligible(a, b):
-        return _lp(a, b)
+        return _onednn_nt(a, b)
     return a @ b.T
 
 
 def mm_nn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for a [M, K], b [K, N]."""
     if a.shape[0] >= MIN_ROWS and _eligible(a, b):
-        return _lp(a, b.T)
+        return _onednn_nt(a, b.T)
     return a @ b
 
 
 def mm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a.T @ b for a [K, M], b [K, N] (a weight gradient: K is the number of tokens), contiguous [M, N]."""
-    if not _eligible(a, b):
-        return a.T @ b
+    return _onednn_tn(a, b) if _eligible(a, b) else a.T @ b
+
+
+def _onednn_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # oneDNN's product A @ B.T is fastest with the larger output side as B's rows.
     if a.shape[1] <= b.shape[1]:
-        return _lp(a.T, b.T)
-    return _lp(b.T, a.T).T.contiguous()
+        return _onednn_nt(a.T, b.T)
+    return _onednn_nt(b.T, a.T).T.contiguous()
 
 
 def add_mm_tn_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """out += a.T @ b, in place (torch's addmm_ where oneDNN is not used: no temporary on a GPU)."""
     if _eligible(a, b):
-        return out.add_(mm_tn(a, b))
+        return out.add_(_onednn_tn(a, b))
     return out.addmm_(a.T, b)
 
 
@@ -190,16 +187,16 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, w)
-        return _lp(x, w)
+        return _onednn_nt(x, w)
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, w = ctx.saved_tensors
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            gx = _lp(gy, w.T)
+            gx = _onednn_nt(gy, w.T)
         if ctx.needs_input_grad[1]:
-            gw = mm_tn(gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1]))
+            gw = _onednn_tn(gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1]))
         return gx, gw
 
 

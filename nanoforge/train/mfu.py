@@ -43,23 +43,15 @@ def cpu_peak_flops(size: int = 1024, seconds: float = 0.3) -> float:
     """fp32 matmul FLOP/s of this CPU with torch's current thread count: the best of a few bursts, measured
     once per process and combined with the best earlier measurement, kept in the on-disk cache. Other jobs on
     the machine can only lower a measurement, and a too-low peak inflates MFU, so the cache keeps the highest."""
-    key = f"{gemm.cpu_name()}|threads={torch.get_num_threads()}|{torch.__version__}"
+    key = gemm.machine_key()
     if key in _measured:
         return _measured[key]
-    cache = home.home() / "cache" / "cpu_peak_flops.json"
-    try:
-        known = home.read_json(cache) if cache.exists() else {}
-    except Exception:  # noqa: BLE001 - a broken cache is re-measured
-        known = {}
+    known = home.read_cache("cpu_peak_flops")
     best = _measure_matmul(size, seconds)
     before = float(known.get(key, 0.0))
     flops = _measured[key] = max(best, before)
     if best > before:
-        known[key] = best
-        try:
-            home.atomic_write_json(cache, known)
-        except OSError:
-            pass
+        home.write_cache("cpu_peak_flops", {**known, key: best})
     return flops
 
 
