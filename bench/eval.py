@@ -74,18 +74,19 @@ def build(root: Path, docs: list[list[str]]) -> tuple[Path, Path]:
     """(checkpoint folder, HF export folder) of a random cpu-demo-shaped model with a 4096 rustbpe tokenizer."""
     import torch
 
+    from nanoforge.checkpoint import save_checkpoint
+    from nanoforge.config import preset_model
     from nanoforge.export.hf import export_hf
-    from nanoforge.model import LLaMA, ModelConfig
+    from nanoforge.model import LLaMA
     from nanoforge.tokenizer import Tokenizer
     from nanoforge.tokenizer.train import train_tokenizer
-    from nanoforge.train.checkpoint import save_checkpoint
 
     text = root / "text"
     text.mkdir()
     (text / "docs.txt").write_text("\n\n".join(" ".join(d) for d in docs), encoding="utf-8")
     tok_path = train_tokenizer(text, vocab_size=4096, backend="rustbpe", out=root / "tok")
     tok = Tokenizer.load(tok_path)
-    cfg = ModelConfig.from_preset("cpu-demo")
+    cfg = preset_model("cpu-demo")
     cfg.vocab_size = tok.vocab_size
     torch.manual_seed(0)
     model = LLaMA(cfg)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nanoforge.config import preset_model  # noqa: E402
 from nanoforge.model import LLaMA, ModelConfig, gemm  # noqa: E402
 from nanoforge.train.mfu import cpu_peak_flops  # noqa: E402
 
@@ -38,7 +39,7 @@ TARGET = 1.15  # ours / Hugging Face tokens per second
 ONEDNN = gemm.use_onednn()  # this machine's choice, as `nanoforge train` makes it
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "de"
 SHAPES = {
-    "cpu-demo": (lambda: ModelConfig.from_preset("cpu-demo"), 256, 16),
+    "cpu-demo": (lambda: preset_model("cpu-demo"), 256, 16),
     "d384-L6": (lambda: ModelConfig(d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, head_dim=64, ffn_dim=1024,
                                     vocab_size=4096, max_seq_len=512), 512, 8),
 }

@@ -148,6 +148,11 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
 
 
+def preset_model(name: str, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfig:
+    """The model of a preset (nanoforge/presets/<name>.toml), with `model.key=value` overrides."""
+    return load_config(preset=name, overrides=overrides).model_config()
+
+
 def load_config(preset: str | None = None, path: str | Path | None = None,
                 overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Defaults ← preset TOML ← config file TOML ← `section.key=value` overrides; validated.

@@ -30,9 +30,9 @@ def make_tokenizer(root: Path, vocab_size: int = 512) -> Path:
 
 def make_checkpoint(root: Path, tok_path: Path, *, tie: bool = False, n_kv_heads: int = 2, seed: int = 0,
                     pad_vocab_to: int = 0, name: str = "ckpt") -> Path:
+    from nanoforge.checkpoint import save_checkpoint
     from nanoforge.model import LLaMA, ModelConfig
     from nanoforge.tokenizer import Tokenizer
-    from nanoforge.train.checkpoint import save_checkpoint
 
     tok = Tokenizer.load(tok_path)
     torch.manual_seed(seed)

@@ -26,7 +26,7 @@ def tok_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train_briefly(ckpt: Path, steps: int = 30) -> Path:
     """A few AdamW steps on the tokenizer's own text, saved as the checkpoint's latest step: parity is
     checked on a trained model, not only on random weights."""
-    from nanoforge.train.checkpoint import save_checkpoint
+    from nanoforge.checkpoint import save_checkpoint
 
     model, tok, meta = load_checkpoint(ckpt)
     text = (Path(meta["tokenizer"]["path"]).parent / "text" / "docs.txt").read_text(encoding="utf-8")
@@ -206,9 +206,9 @@ def test_import_without_tokenizer_files_records_none(tmp_path: Path, exported: t
 
 def test_export_refuses_tokenizer_larger_than_model(tmp_path: Path, tok_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
+    from nanoforge.checkpoint import save_checkpoint
     from nanoforge.model import LLaMA, ModelConfig
     from nanoforge.tokenizer import Tokenizer
-    from nanoforge.train.checkpoint import save_checkpoint
 
     tok = Tokenizer.load(tok_path)
     cfg = ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16, ffn_dim=64,

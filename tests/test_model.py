@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanoforge.config import list_presets, load_config
+from nanoforge.config import list_presets, load_config, preset_model
 from nanoforge.errors import UserError
 from nanoforge.model import KVCache, LLaMA, ModelConfig
 
@@ -77,7 +77,7 @@ def test_num_params_matches_the_module() -> None:
 
 
 def test_nano_125m_has_176m_parameters_and_param_names_for_export() -> None:
-    cfg = ModelConfig.from_preset("nano-125m")
+    cfg = preset_model("nano-125m")
     assert cfg.num_params() == 176_179_968
     assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim) == (768, 12, 12, 4, 64, 2048)
     names = set(random_model().state_dict())
@@ -136,7 +136,7 @@ def test_presets_load_and_the_depth_dial_derives_the_shape() -> None:
     assert (demo.d_model, demo.n_layers, demo.n_heads) == (384, 6, 3)
     explicit = load_config(preset="d12", overrides=["model.n_heads=12", "model.head_dim=64"]).model
     assert (explicit.d_model, explicit.n_heads, explicit.head_dim) == (768, 12, 64)
-    assert 1e6 < ModelConfig.from_preset("cpu-demo").num_params() < 1e7
+    assert 1e6 < preset_model("cpu-demo").num_params() < 1e7
 
 
 def test_overrides_are_typed() -> None:

@@ -45,9 +45,9 @@ def test_measures_chars_per_shard_on_a_corpus(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_preset_uses_the_model_parameter_count(capsys: pytest.CaptureFixture[str]) -> None:
-    from nanoforge.model import ModelConfig
+    from nanoforge.config import preset_model
 
-    n = ModelConfig.from_preset("d12").num_params()
+    n = preset_model("d12").num_params()
     assert main(["plan", "--preset", "d12", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["rows"][0]
     assert row["model"] == "d12" and row["params"] == n and row["tokens"] == 20 * n

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
+from nanoforge import checkpoint as ckpt
 from nanoforge.cli import main
 from nanoforge.config import load_config
 from nanoforge.errors import UserError
 from nanoforge.model import LLaMA, ModelConfig
-from nanoforge.train import checkpoint as ckpt
 from nanoforge.train.optim import MuonAdamW, build_optimizer, lr_multiplier, zeropower_via_newtonschulz5
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=64, vocab_size=50,

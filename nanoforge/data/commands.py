@@ -182,9 +182,9 @@ def _plan(args: argparse.Namespace) -> int:
         cps = cps if cps is not None else measured.get("chars_per_shard")
     models = [(p, parse_count(p, "--params")) for p in args.params]
     for name in args.preset:
-        from nanoforge.model import ModelConfig
+        from nanoforge.config import preset_model
 
-        models.append((name, ModelConfig.from_preset(name).num_params()))
+        models.append((name, preset_model(name).num_params()))
     plan = make_plan(models, ratio=args.ratio, chars_per_token=cpt, chars_per_shard=cps)
     plan["measured"] = measured
     if args.json:

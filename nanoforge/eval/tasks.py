@@ -166,9 +166,9 @@ def evaluate_bpb_checkpoint(checkpoint: str | os.PathLike, tokens: str | os.Path
     """Validation bits per byte of a checkpoint on token shards; refuses shards made by another tokenizer."""
     import torch
 
+    from nanoforge import dist
     from nanoforge.eval.bpb import evaluate_bpb
     from nanoforge.infer.engine import load_checkpoint
-    from nanoforge.train import dist
 
     tokens_dir = home_mod.resolve(tokens, "tokens")
     if not (tokens_dir / "meta.json").is_file():

@@ -87,9 +87,9 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike | None = Non
     Vocabulary padding rows (`pad_vocab_to`) are dropped: they are never scored, Llama has vocab_size rows."""
     from safetensors.torch import save_file
 
+    from nanoforge.checkpoint import resolve_checkpoint
     from nanoforge.infer.engine import load_checkpoint
     from nanoforge.tokenizer.hf import export_hf as export_tokenizer
-    from nanoforge.train.checkpoint import resolve_checkpoint
 
     if dtype not in _DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -186,10 +186,10 @@ def import_hf(src: str | os.PathLike, tag: str, *, phase: str = "base", force: b
     """A transformers Llama folder -> checkpoints/<phase>/<tag> (step 0, weights in float32). The folder's
     tokenizer.json is imported as tokenizers/<tag> unless `tokenizer` names an existing nanoforge tokenizer.
     Refuses non-Llama models and Llama variants our model cannot represent."""
+    from nanoforge.checkpoint import load_weights, save_checkpoint
     from nanoforge.model import LLaMA
     from nanoforge.tokenizer import Tokenizer
     from nanoforge.tokenizer.hf import import_hf as import_tokenizer
-    from nanoforge.train.checkpoint import load_weights, save_checkpoint
 
     src = Path(src)
     cfg = home_mod.read_json(src / "config.json", "Hugging Face config")

@@ -123,8 +123,8 @@ def load_checkpoint(checkpoint: Any, device: str | torch.device = "cpu", tokeniz
     """(model in eval mode, its tokenizer, meta) for a checkpoint tag folder or model file. The tokenizer
     is the one the meta names (path, then name under tokenizers/) unless given; a tokenizer whose
     fingerprint differs from the one the model was trained with is refused."""
+    from nanoforge.checkpoint import load_model
     from nanoforge.tokenizer import Tokenizer
-    from nanoforge.train.checkpoint import load_model
 
     model, meta = load_model(checkpoint, device=device)
     info = meta.get("tokenizer") or {}

@@ -1,6 +1,6 @@
 """ModelConfig: the shape of a LLaMA-style decoder, its parameter count and training FLOPs per token.
 
-    ModelConfig.from_preset("nano-125m").num_params()  # 176,179,968
+    preset_model("nano-125m").num_params()  # 176,179,968
 
 The depth dial (`depth_config`) follows nanochat: width = 64·depth, heads = width/128.
 """
@@ -61,13 +61,6 @@ class ModelConfig:
         if unknown:
             raise UserError(f"unknown model config keys {unknown}; valid keys: {', '.join(sorted(names))}")
         return cls(**d)
-
-    @classmethod
-    def from_preset(cls, name: str, overrides: list[str] | None = None) -> ModelConfig:
-        """The model of a preset (nanoforge/presets/<name>.toml), with `model.key=value` overrides."""
-        from nanoforge.config import load_config
-
-        return load_config(preset=name, overrides=overrides or []).model_config()
 
     def num_params(self, embeddings: bool = True) -> int:
         """Parameter count; embeddings=False leaves out the token embedding and the output head."""

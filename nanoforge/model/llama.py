@@ -5,7 +5,7 @@ Parameter names map one-to-one onto Hugging Face `LlamaForCausalLM` (see nanofor
 tok_embeddings ↔ model.embed_tokens, layers.i.attention.wq ↔ model.layers.i.self_attn.q_proj, ...,
 feed_forward.w1/w3/w2 ↔ mlp.gate_proj/up_proj/down_proj, norm ↔ model.norm, output ↔ lm_head.
 
-    model = LLaMA(ModelConfig.from_preset("cpu-demo"))
+    model = LLaMA(preset_model("cpu-demo"))
     loss = model(inputs, targets)           # mean over scored positions
     logits = model(inputs)                  # [B, T, V] float32
 """

@@ -209,7 +209,7 @@ def _stage_tokenize(corpus: Any, tokenizer_path: str, cfg: RunConfig, fp: str, f
 
 
 def _stage_pretrain(cfg: RunConfig, tokens: str, run: str, fp: str, fresh: bool) -> dict[str, Any]:
-    from nanoforge.train import checkpoint as ckpt
+    from nanoforge import checkpoint as ckpt
     from nanoforge.train.loop import train
 
     tag = f"{run}-{fp[:8]}"
@@ -234,9 +234,9 @@ def _stage_eval(runner: StageRunner, cfg: RunConfig, train: dict[str, Any], toke
                 tokenizer_path: str) -> dict[str, Any]:
     import torch
 
+    from nanoforge.checkpoint import load_model
     from nanoforge.eval.bpb import evaluate_bpb
     from nanoforge.tokenizer import Tokenizer
-    from nanoforge.train.checkpoint import load_model
 
     out = runner.run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)

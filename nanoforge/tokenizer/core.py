@@ -175,17 +175,14 @@ class Tokenizer:
             tok = cls(meta=meta, hf_json=hf_json, path=path)
         return tok
 
-    def save(self, folder: str | os.PathLike, *, hf: bool = True) -> Path:
-        """Write nanoforge.json, ranks.tiktoken (or hf/tokenizer.json), token_bytes.npy and hf/ into `folder`."""
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write nanoforge.json, ranks.tiktoken (tiktoken engine) and token_bytes.npy into `folder`. The
+        Hugging Face files (hf/) are `tokenizer.hf.export_hf`'s job: this module knows nothing of that format."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         meta = dict(self.meta, name=self.name)
         if self.engine == "tiktoken":
             write_ranks(folder / "ranks.tiktoken", self._ranks)
-        if hf:
-            from nanoforge.tokenizer.hf import export_hf
-
-            export_hf(self, folder / "hf")
         with open(folder / ".token_bytes.npy.tmp", "wb") as f:
             np.save(f, self.token_bytes)
         os.replace(folder / ".token_bytes.npy.tmp", folder / "token_bytes.npy")

@@ -14,6 +14,7 @@ from pathlib import Path
 from nanoforge.errors import UserError
 from nanoforge.home import atomic_dir, tokenizer_dir
 from nanoforge.tokenizer.core import Tokenizer
+from nanoforge.tokenizer.hf import export_hf
 
 
 def import_nanochat(src: str | os.PathLike, *, name: str, trust_pickle: bool = False,
@@ -39,4 +40,5 @@ def import_nanochat(src: str | os.PathLike, *, name: str, trust_pickle: bool = F
     dest = Path(out) if out else tokenizer_dir(name)
     with atomic_dir(dest, force=force, what="tokenizer") as tmp:
         tok.save(tmp)
+        export_hf(tok, tmp / "hf")
     return dest

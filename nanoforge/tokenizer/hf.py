@@ -170,5 +170,5 @@ def import_hf(src: str | os.PathLike, *, name: str, out: str | os.PathLike | Non
         for extra in HF_FILES[1:]:
             if (file.parent / extra).is_file():
                 shutil.copy(file.parent / extra, tmp / "hf" / extra)
-        tok.save(tmp, hf=False)
+        tok.save(tmp)
     return dest

@@ -32,6 +32,7 @@ from nanoforge.tokenizer.core import (
     Tokenizer,
     bytes_to_unicode,
 )
+from nanoforge.tokenizer.hf import export_hf
 
 BACKENDS = ("rustbpe", "neox", "python")
 DEFAULT_VOCAB_SIZE = 65_536
@@ -107,6 +108,7 @@ def train_tokenizer(data: str | os.PathLike | Sequence[str | os.PathLike], *, vo
                     "nanoforge_version": __version__}
         tok = _build(tok_args, name=name, training=training)
         tok.save(tmp)
+        export_hf(tok, tmp / "hf")
     progress.log(f"trained in {seconds:.2f}s on {stats.docs:,} documents ({stats.chars:,} characters)")
     progress.log(f"final vocab size: {tok.vocab_size:,}")
     progress.log(f"saved tokenizer to {dest}")

@@ -62,7 +62,7 @@ def _train_base(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from nanoforge.train.checkpoint import list_checkpoints
+    from nanoforge.checkpoint import list_checkpoints
 
     rows = list_checkpoints()
     if args.json:

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from nanoforge import checkpoint as ckpt
+from nanoforge import dist as D
 from nanoforge import home, progress
 from nanoforge.config import RunConfig, load_config
 from nanoforge.errors import UserError
-from nanoforge.train import checkpoint as ckpt
-from nanoforge.train import dist as D
 from nanoforge.train.optim import build_optimizer, lr_multiplier, set_lr
 
 
