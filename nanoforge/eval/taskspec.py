@@ -249,17 +249,29 @@ class TaskSpec:
 def _read_json_docs(path: Path, where: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise TaskError(f"{where}: data file {path} does not exist (point data_files at your download)")
-    text = path.read_text(encoding="utf-8")
     try:
-        if text.lstrip().startswith("["):
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskError(f"data file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lineno = 0
+    try:
+        if text.lstrip().startswith(("[", "{")) and not path.suffix == ".jsonl":
             docs = json.loads(text)
         else:
-            docs = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise TaskError(f"data file {path}: line {e.lineno}: not valid JSON/JSONL ({e.msg})") from None
+            docs = []
+            for lineno, line in enumerate(text.splitlines(), 1):  # noqa: B007 - read by the except
+                if line.strip():
+                    docs.append(json.loads(line))
+    except json.JSONDecodeError as e:  # per line, its position is within the line
+        line = lineno or e.lineno
+        raise TaskError(f"data file {path}: line {line}: not valid JSON/JSONL ({e.msg})") from None
     if isinstance(docs, dict) and "data" in docs:
         docs = docs["data"]
-    return list(docs)
+    if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
+        raise TaskError(f"data file {path}: expected JSON objects (one per line, or a list of them)")
+    if not docs:
+        raise TaskError(f"{where}: data file {path} holds no documents")
+    return docs
 
 
 REQUIRED = ("task", "dataset_path", "doc_to_text", "doc_to_target")

@@ -115,6 +115,12 @@ def ablate(grid: str | os.PathLike, *, name: str | None = None, data: str | None
         load_config(preset=preset, path=base.get("config"), overrides=cell_set)  # fail early on a bad cell
         plans.append((cell, cell_set))
     out_dir = home.run_dir(name)
+    with home.lock(out_dir, "grid folder"):
+        return _ablate(out_dir, name, preset, data, base, axes, plans, fresh)
+
+
+def _ablate(out_dir: Path, name: str, preset: str, data: str | None, base: dict[str, Any], axes: list[Any],
+            plans: list[tuple[dict[str, Any], list[str]]], fresh: bool) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "cells.json"
     state = home.read_json(state_path, "grid state") if state_path.is_file() and not fresh else {}

@@ -11,6 +11,7 @@ where it stopped (pretraining resumes from its last checkpoint); `fresh=True` re
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -43,7 +44,8 @@ def speedrun(preset: str | None = "cpu-demo", *, data: str | None = None, run: s
     run = run or default_run_name(cfg, data)
     runner = runner or StageRunner(run, fresh=fresh, rank=int(os.environ.get("RANK", "0")))
     runner.total = len(STAGES)
-    with log_to_file(runner.run_dir / "log.txt"):
+    held = home.lock(runner.run_dir, "run folder") if runner.rank == 0 else contextlib.nullcontext()
+    with held, log_to_file(runner.run_dir / "log.txt"):
         progress.log(f"speedrun {run}: preset {preset or '-'}, data {data or 'stdlib docstrings'}, "
                      f"outputs in {runner.run_dir}")
         home.atomic_write_text(runner.run_dir / "config.toml", cfg.to_toml())
