@@ -8,6 +8,7 @@ seeded generator, stop strings, and a streaming variant that yields text pieces 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -37,8 +38,10 @@ def generate_ids(model: torch.nn.Module, prompt_ids: Sequence[int], *, max_new_t
 
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):  # nan compares false both ways
+        raise UserError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be at least 1, got {top_k}")
     param = next(model.parameters())
     device = param.device
     limit = model.config.max_seq_len

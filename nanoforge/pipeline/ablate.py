@@ -64,6 +64,13 @@ def load_grid(path: str | os.PathLike) -> tuple[dict[str, Any], list[tuple[str, 
     if extra:
         raise UserError(f"grid {path}: unknown [base] key(s) {', '.join(sorted(extra))}; "
                         f"valid: preset, data, set, config")
+    overrides = base.get("set", [])
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        example = f"set = [{overrides!r}]" if isinstance(overrides, str) else 'set = ["train.max_steps=100"]'
+        raise UserError(f"grid {path}: [base] set must be a list of \"section.key=value\" strings ({example})")
+    for key in ("preset", "data", "config"):
+        if key in base and not isinstance(base[key], str):
+            raise UserError(f"grid {path}: [base] {key} must be a string, got {base[key]!r}")
     return base, axes
 
 
