@@ -665,3 +665,20 @@ def identity_conversations() -> Split:
         return [{"role": "user", "content": q}, {"role": "assistant", "content": IDENTITY_ANSWER}]
 
     return [conv(q) for q in IDENTITY_QUESTIONS], [conv(q) for q in IDENTITY_VAL]
+
+
+def render_file(tok: Any, path: str | os.PathLike, *, line: int | None = None, shape: str = "auto",
+                field: str | None = None, color: bool = True, max_tokens: int | None = None) -> str:
+    """What `nanoforge chat render FILE [--line N]` prints: for each conversation of the file (or the one at
+    `line`) a header line (source, tokens, supervised tokens, truncation) and its tokens coloured by mask with
+    their ids (`format_rendered`)."""
+    from nanoforge.tokenizer.chat import format_rendered
+
+    convs = [conversation_at(path, line, shape=shape, field=field)] if line is not None else \
+        read_conversations(path, shape=shape, field=field, validate=False)
+    out = []
+    for conv in convs:
+        r = tok.render_conversation(conv, max_tokens)
+        head = f"{conv.source}: {len(r.ids)} tokens, {sum(r.mask)} supervised" + (" (truncated)" if r.truncated else "")
+        out.append(head + "\n" + format_rendered(tok, r.ids, r.mask, color=color))
+    return "\n\n".join(out)
