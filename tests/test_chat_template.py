@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from _chat_helpers import chat_tokenizer, training_text
 from _data_helpers import write_parquet
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nanoforge.errors import UserError
 from nanoforge.tokenizer import Tokenizer
@@ -122,6 +124,22 @@ def test_apply_chat_template_gives_our_ids(toks, key: str) -> None:
         prompt = tok.render_for_completion(conv)
         theirs = hf.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)["input_ids"]
         assert theirs == prompt, (i, hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=True))
+
+
+TRICKY = st.lists(st.sampled_from(list("<|>\ue000\ue001 \n\r\tab1_") + ["<|bos|>", "<|user_end|>", "é", "👍"]),
+                  min_size=1, max_size=12).map("".join)
+ANY_TEXT = st.one_of(TRICKY, st.text(min_size=1, max_size=20))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ANY_TEXT, ANY_TEXT, ANY_TEXT, ANY_TEXT)
+def test_apply_chat_template_gives_our_ids_on_any_text(toks, a: str, b: str, code: str, out: str) -> None:
+    tok, hf = toks["rustbpe"]
+    conv = [{"role": "system", "content": a}, {"role": "user", "content": b},
+            {"role": "assistant", "content": [{"type": "text", "text": b}, {"type": "python", "text": code},
+                                              {"type": "python_output", "text": out}, {"type": "text", "text": a}]}]
+    assert hf.apply_chat_template(conv)["input_ids"] == tok.render_conversation(conv).ids
+    assert hf.apply_chat_template(conv, add_generation_prompt=True)["input_ids"] == tok.render_for_completion(conv)
 
 
 def test_apply_chat_template_on_openai_message_objects(toks) -> None:
