@@ -194,5 +194,13 @@ def test_export_of_a_chat_checkpoint_writes_the_template(tmp_path: Path) -> None
     for conv in CONVERSATIONS[:10]:
         assert hf.apply_chat_template(conv)["input_ids"] == tok.render_conversation(conv).ids
     assert GenerationConfig.from_pretrained(out).eos_token_id == [tok.special_id("<|assistant_end|>"), tok.bos_id]
+    # lm-eval --apply_chat_template renders the template to a string, then tokenizes it
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=str(out), device="cpu", batch_size=1)
+    ends_with_user = [c for c in CONVERSATIONS if c[-1]["role"] == "user"]
+    assert ends_with_user
+    for conv in ends_with_user:
+        assert lm.tok_encode(lm.apply_chat_template(conv)) == tok.render_for_completion(conv)
     assert main(["export", "hf", str(ckpt), "--out", str(tmp_path / "plain"), "--no-chat-template"]) == 0
     assert not (tmp_path / "plain" / "chat_template.jinja").exists()
