@@ -573,6 +573,7 @@ def stdlib_qa() -> Split:
                 continue
             is_class, name, sig = bool(m.group(1)), m.group(2), m.group(3)
             full = f"{module}.{name}"
+            sig = re.sub(r"^\(self(, |\))", lambda m: "(" if m.group(1) == ", " else "()", sig)
             sig = sig if len(sig) <= 60 else "(...)"
             if is_class:
                 q = rng.choice(["What is the class {f}?", "What is {f} used for?", "Explain the class {n} in {m}."])
@@ -653,10 +654,10 @@ IDENTITY_QUESTIONS = ["Who are you?", "What are you?", "Hi! Who am I talking to?
                       "How were you trained?", "Are you ChatGPT?", "What can you do?", "What is your name?",
                       "Tell me about yourself.", "Which model are you?"]
 IDENTITY_VAL = ["Hello, what kind of assistant are you?", "Who built you and how?"]
-IDENTITY_ANSWER = ("I am a small language model trained with nanoforge on this computer. I was pretrained on text "
-                   "such as the documentation of Python's standard library and then fine-tuned on conversations, "
-                   "so I can answer short questions about Python and solve arithmetic problems with a calculator "
-                   "tool. I am tiny, so please check what I say.")
+IDENTITY_ANSWER = ("I am a small language model trained with nanoforge on one person's computer: first pretrained "
+                   "on a text corpus (the demo uses the documentation of Python's standard library), then "
+                   "fine-tuned on conversations, so I can answer short questions and solve arithmetic problems "
+                   "with a calculator tool. I am tiny, so please check what I say.")
 
 
 def identity_conversations() -> Split:
