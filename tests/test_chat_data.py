@@ -262,3 +262,11 @@ def test_render_file_shows_one_line_or_all(tmp_path: Path) -> None:
     assert "(truncated)" in render_file(tok, tmp_path / "d.jsonl", line=1, max_tokens=3)
     with pytest.raises(UserError, match="d.jsonl: no conversation at line 7"):
         render_file(tok, tmp_path / "d.jsonl", line=7)
+
+
+def test_the_synthetic_tool_outputs_are_what_the_engines_calculator_prints(default_data: Path) -> None:
+    tools = pytest.importorskip("nanoforge.infer.tools")
+    convs = load_conversations(default_data / "train" / "arithmetic.jsonl")[:300]
+    calls = [(p["text"], q["text"]) for c in convs for p, q in zip(c.messages[1]["content"], c.messages[1]["content"][1:])
+             if p["type"] == "python"]
+    assert len(calls) >= 300 and all(tools.calculator(expr) == out for expr, out in calls)
