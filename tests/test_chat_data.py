@@ -91,9 +91,11 @@ SHAPED = {
     "custom_fields": ({"prompt": "p", "completion": "c"}, {"shape": "instruction", "field": "prompt,completion"},
                       chat("p", "c")),
     "persona_chat": ({"user 1 personas": "I like cats.",
-                      "Best Generated Conversation": "User 1: Hi! Do you like cats?\nUser 2: I do.\n"
+                      "Best Generated Conversation": "User 1: Hi! Do you like cats?\nUser 2: I do.\nNote: a lot.\n"
                                                      "User 1: Great.\nUser 2: Yes, they are fun.\nUser 1: Bye"},
-                     {}, chat("Hi! Do you like cats?", "I do.", "Great.", "Yes, they are fun.")),
+                     {}, chat("Hi! Do you like cats?", "I do.\nNote: a lot.", "Great.", "Yes, they are fun.")),
+    "speaker_transcript": ({"dialogue": "Alice: Hi.\nBob: Hello!\nAlice: Bye."}, {"shape": "transcript", "field": "dialogue"},
+                           chat("Hi.", "Hello!")),
 }
 
 

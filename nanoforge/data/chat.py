@@ -75,7 +75,7 @@ class Conversation:
 
 # ---- GSM8K and multiple choice ----------------------------------------------------------------------
 GSM_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
-CALC_RE = re.compile(r"(<<[^<>]*>>)")
+CALC_RE = re.compile(r"(<<[^>]+>>)")
 
 
 def gsm8k_answer(text: str) -> str | None:
@@ -138,7 +138,8 @@ def mc_messages(row: dict[str, Any], where: str) -> list[dict[str, Any]]:
 # ---- the other shapes -------------------------------------------------------------------------------
 USER_NAMES = {"user", "human", "prompter", "user 1", "usr"}
 ASSISTANT_NAMES = {"assistant", "gpt", "bot", "model", "system", "chatbot", "user 2", "sys"}
-TRANSCRIPT_RE = re.compile(r"^\s*(User \d+|[A-Z][\w ]{0,20}):\s?", re.M)
+USER_N_RE = re.compile(r"^\s*(User \d+):\s?", re.M)
+SPEAKER_RE = re.compile(r"^\s*([A-Z][\w ]{0,20}):\s?", re.M)
 
 
 def _alternate(texts: list[str]) -> list[dict[str, Any]]:
@@ -188,7 +189,7 @@ def transcript_messages(text: Any, where: str) -> list[dict[str, Any]]:
     """ "User 1: hi\\nUser 2: hello\\n…" → alternating turns (the first speaker is the user)."""
     if not isinstance(text, str):
         raise ChatDataError(f"{where}: a transcript must be a string of 'Speaker: text' lines")
-    heads = list(TRANSCRIPT_RE.finditer(text))
+    heads = list(USER_N_RE.finditer(text)) or list(SPEAKER_RE.finditer(text))  # "User 1:" labels win
     if len(heads) < 2:
         raise ChatDataError(f"{where}: no 'User 1: … User 2: …' turns found in the transcript")
     first = heads[0].group(1)
