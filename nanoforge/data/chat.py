@@ -460,7 +460,7 @@ def conversation_at(path: str | os.PathLike, line: int, *, shape: str = "auto",
 
 
 # ---- the offline default ----------------------------------------------------------------------------
-DEFAULT_VERSION = 1
+DEFAULT_CHAT_VERSION = 1
 DEFAULT_META = "chat-data.json"
 VAL_PERCENT = 5
 
@@ -475,7 +475,7 @@ def default_chat_data(*, force: bool = False) -> Path:
 
     out = home.home() / "chat" / f"default-py{sys.version_info.major}.{sys.version_info.minor}"
     meta = out / DEFAULT_META
-    version = {"version": DEFAULT_VERSION, "stdlib_corpus_version": STDLIB_VERSION}
+    version = {"version": DEFAULT_CHAT_VERSION, "stdlib_corpus_version": STDLIB_VERSION}
     if meta.is_file() and not force:
         try:
             got = json.loads(meta.read_text(encoding="utf-8"))
