@@ -142,6 +142,37 @@ def test_apply_chat_template_gives_our_ids_on_any_text(toks, a: str, b: str, cod
     assert hf.apply_chat_template(conv, add_generation_prompt=True)["input_ids"] == tok.render_for_completion(conv)
 
 
+def _dict_arguments_with_several_fields(conv: list[dict]) -> bool:
+    return any(isinstance(tc["function"]["arguments"], dict) and len(tc["function"]["arguments"]) > 1
+               for m in conv for tc in m.get("tool_calls") or [])
+
+
+def test_minijinja_renders_the_template_to_our_ids(toks) -> None:
+    """MiniJinja (the Rust engine TGI renders chat templates with) gives the same ids; not for tool arguments
+    that stay JSON, where its `tojson` escapes < and > as HTML (transformers' does not)."""
+    minijinja = pytest.importorskip("minijinja")
+    from transformers.utils.chat_template_utils import _normalize_chat_messages
+
+    from nanoforge.tokenizer.hf import chat_template
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    env = minijinja.Environment(templates={"chat": chat_template()}, globals={"raise_exception": raise_exception})
+    env.trim_blocks = env.lstrip_blocks = True
+    tok, hf = toks["rustbpe"]
+    checked = 0
+    for conv in CONVERSATIONS:
+        if _dict_arguments_with_several_fields(conv):
+            continue
+        msgs = _normalize_chat_messages(conv)  # what transformers and TGI do: keys whose value is None dropped
+        for prompt, ours in ((False, tok.render_conversation(conv).ids), (True, tok.render_for_completion(conv))):
+            text = env.render_template("chat", messages=msgs, add_generation_prompt=prompt)
+            assert hf(text, add_special_tokens=False)["input_ids"] == ours
+            checked += 1
+    assert checked >= 100
+
+
 def test_apply_chat_template_on_openai_message_objects(toks) -> None:
     """Messages as the openai client's pydantic objects (content=None, arguments a JSON string)."""
     pytest.importorskip("openai")
