@@ -432,8 +432,8 @@ def hub_files(repo: str, files: str, shards: str | int = "0", *, shape: str = "a
     $NANOFORGE_HOME/chat/<dataset>. `files` is a file-name pattern with `{:05d}` for the shard index."""
     from nanoforge.data.download import download_shards
 
-    column = {"gsm8k": "question", "mc": "question", "instruction": (field or "instruction").split(",")[0]
-              }.get(shape, field or "messages")
+    column = {"gsm8k": "question", "mc": "question", "instruction": (field or "instruction").split(",")[0],
+              "turns": field or "dialog"}.get(shape, field or "messages")  # checked in every downloaded file
     return download_shards(repo, shards, home.home() / "chat" / repo.rstrip("/").split("/")[-1],
                            revision=revision, pattern=files, column=column)
 
