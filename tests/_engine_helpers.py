@@ -16,7 +16,7 @@ class Scripted(torch.nn.Module):
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
     def hidden(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
-        pos = cache.starts.unsqueeze(1) + torch.arange(idx.shape[1])
+        pos = torch.tensor(cache.starts).unsqueeze(1) + torch.arange(idx.shape[1])
         return pos.unsqueeze(-1).float()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

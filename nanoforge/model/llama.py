@@ -61,7 +61,7 @@ class KVCache:
 
     Two ways to use it. All rows at one length: `pos` is the number of positions already filled and the
     model advances it after the last layer. Rows at their own lengths (the inference engine, where rows
-    join and leave): `bind(rows, starts, kv_len)` before each forward says which cache rows the batch
+    join and leave): `bind(rows, starts, T)` before each forward says which cache rows the batch
     uses and where each row's new tokens go; `pos` is then left alone and the caller tracks lengths."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *,
@@ -71,21 +71,25 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
-        self.starts: torch.Tensor | None = None  # per-row mode: [B] position of each row's first new token
+        self.bound = False         # per-row mode (bind); the fields below describe the next forward
         self.rows = slice(0, batch_size)
+        self.starts: list[int] = []
+        self.start: int | None = None  # all rows start at the same position (no gathers, no row mask)
         self.kv_len = 0
-        self.positions: torch.Tensor | None = None  # [B, T], set by the model for the layers
-        self.mask: torch.Tensor | None = None       # [B, 1, T, kv_len]
+        self.positions: torch.Tensor | None = None  # [B, T] when rows start at different positions
+        self.mask: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.pos = 0
 
-    def bind(self, rows: slice, starts: torch.Tensor, kv_len: int) -> None:
-        """Per-row positions for the next forward: batch row i is cache row `rows.start + i`, its T new
-        tokens go to positions starts[i] .. starts[i] + T - 1, and it attends to keys 0 .. its own position
-        only (later slots hold padding or another turn's stale keys). `kv_len` = max(starts) + T, given
-        by the caller so no device sync is needed; it must not exceed `max_len`."""
-        self.rows, self.starts, self.kv_len = rows, starts, kv_len
+    def bind(self, rows: slice, starts: list[int], T: int) -> None:
+        """Per-row positions for the next forward of T tokens per row: batch row i is cache row
+        `rows.start + i`, its tokens go to positions starts[i] .. starts[i] + T - 1, and it attends to
+        keys 0 .. its own position only (later slots hold padding or another turn's stale keys).
+        max(starts) + T must not exceed `max_len`."""
+        self.bound, self.rows, self.starts = True, rows, list(starts)
+        self.kv_len = max(starts) + T
+        self.start = starts[0] if min(starts) == max(starts) else None
 
 
 class Attention(nn.Module):
@@ -105,13 +109,17 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn_mask, is_causal = None, True
-        if cache is not None and cache.starts is not None:  # rows at their own positions
+        if cache is not None and cache.bound:  # rows at their own positions
             ck, cv = cache.k[layer, cache.rows], cache.v[layer, cache.rows]
-            b = torch.arange(B, device=x.device).unsqueeze(1)
-            ck[b, :, cache.positions] = k.transpose(1, 2)
-            cv[b, :, cache.positions] = v.transpose(1, 2)
+            if cache.start is not None:
+                ck[:, :, cache.start:cache.kv_len] = k
+                cv[:, :, cache.start:cache.kv_len] = v
+            else:
+                b = torch.arange(B, device=x.device).unsqueeze(1)
+                ck[b, :, cache.positions] = k.transpose(1, 2)
+                cv[b, :, cache.positions] = v.transpose(1, 2)
             k, v = ck[:, :, :cache.kv_len], cv[:, :, :cache.kv_len]
-            attn_mask, is_causal = cache.mask, False
+            attn_mask, is_causal = cache.mask, cache.start == 0 and T > 1
         elif cache is not None:
             p = cache.pos
             cache.k[layer, :B, :, p:p + T] = k
@@ -198,23 +206,34 @@ class LLaMA(nn.Module):
             self.rope_cos, self.rope_sin = cos, sin
         return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
 
+    def _rows_rope_and_mask(self, cache: KVCache, T: int, device: torch.device) -> tuple[Any, Any, Any, Any]:
+        """Rotary tables, positions [B, T] and attention mask for a bound cache. Rows at one start need
+        neither gathers nor a row mask: one token sees every key; a block from position 0 is causal."""
+        self._rope(0, cache.kv_len)
+        if cache.start is not None:
+            s, mask = cache.start, None
+            if s > 0 and T > 1:
+                mask = torch.ones(T, s + T, dtype=torch.bool, device=device).tril(diagonal=s)
+            cos, sin = self._rope(s, T)
+            return cos, sin, None, mask
+        starts = torch.tensor(cache.starts, device=device)
+        pos = starts.unsqueeze(1) + torch.arange(T, device=device)  # [B, T]
+        keys = torch.arange(cache.kv_len, device=device)
+        mask = (keys <= pos.unsqueeze(-1)).unsqueeze(1)              # [B, 1, T, kv_len]
+        return self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1), pos, mask
+
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, d_model]."""
         B, T = idx.shape
         x = self.tok_embeddings(idx)
-        if cache is not None and cache.starts is not None:
-            pos = cache.starts.unsqueeze(1) + torch.arange(T, device=idx.device)  # [B, T]
-            self._rope(0, cache.kv_len)
-            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # [B, 1, T, D]
-            cache.positions = pos
-            keys = torch.arange(cache.kv_len, device=idx.device)
-            cache.mask = (keys <= pos.unsqueeze(-1)).unsqueeze(1)
+        if cache is not None and cache.bound:
+            cos, sin, cache.positions, cache.mask = self._rows_rope_and_mask(cache, T, idx.device)
         else:
             start = cache.pos if cache is not None else 0
             cos, sin = self._rope(start, T)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i)
-        if cache is not None and cache.starts is None:
+        if cache is not None and not cache.bound:
             cache.pos += T
         return self.norm(x)
 
