@@ -50,7 +50,7 @@ def rope_cache(head_dim: int, seq_len: int, theta: float, device: torch.device |
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos/sin: [T, D]. x·cos + rotate_half(x)·sin with rotate_half = (-x2, x1)."""
+    """x: [B, H, T, D]; cos/sin: [T, D] (or [B, 1, T, D]: a position per row). x·cos + rotate_half(x)·sin with rotate_half = (-x2, x1)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)  # fp32 tables: under autocast q/k come back in bf16
@@ -58,7 +58,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class KVCache:
     """Keys and values of every layer for incremental decoding: k, v [L, B, n_kv_heads, max_len, head_dim].
-    `pos` is the number of positions already filled; the model advances it after the last layer."""
+
+    Two ways to use it. All rows at one length: `pos` is the number of positions already filled and the
+    model advances it after the last layer. Rows at their own lengths (the inference engine, where rows
+    join and leave): `bind(rows, starts, T)` before each forward says which cache rows the batch
+    uses and where each row's new tokens go; `pos` is then left alone and the caller tracks lengths."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
@@ -67,9 +71,25 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
+        self.bound = False         # per-row mode (bind); the fields below describe the next forward
+        self.rows = slice(0, batch_size)
+        self.starts: list[int] = []
+        self.start: int | None = None  # all rows start at the same position (no gathers, no row mask)
+        self.kv_len = 0
+        self.positions: torch.Tensor | None = None  # [B, T] when rows start at different positions
+        self.mask: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.pos = 0
+
+    def bind(self, rows: slice, starts: list[int], T: int) -> None:
+        """Per-row positions for the next forward of T tokens per row: batch row i is cache row
+        `rows.start + i`, its tokens go to positions starts[i] .. starts[i] + T - 1, and it attends to
+        keys 0 .. its own position only (later slots hold padding or another turn's stale keys).
+        max(starts) + T must not exceed `max_len`."""
+        self.bound, self.rows, self.starts = True, rows, list(starts)
+        self.kv_len = max(starts) + T
+        self.start = starts[0] if min(starts) == max(starts) else None
 
 
 class Attention(nn.Module):
@@ -89,7 +109,18 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn_mask, is_causal = None, True
-        if cache is not None:
+        if cache is not None and cache.bound:  # rows at their own positions
+            ck, cv = cache.k[layer, cache.rows], cache.v[layer, cache.rows]
+            if cache.start is not None:
+                ck[:, :, cache.start:cache.kv_len] = k
+                cv[:, :, cache.start:cache.kv_len] = v
+            else:
+                b = torch.arange(B, device=x.device).unsqueeze(1)
+                ck[b, :, cache.positions] = k.transpose(1, 2)
+                cv[b, :, cache.positions] = v.transpose(1, 2)
+            k, v = ck[:, :, :cache.kv_len], cv[:, :, :cache.kv_len]
+            attn_mask, is_causal = cache.mask, cache.start == 0 and T > 1
+        elif cache is not None:
             p = cache.pos
             cache.k[layer, :B, :, p:p + T] = k
             cache.v[layer, :B, :, p:p + T] = v
@@ -175,15 +206,34 @@ class LLaMA(nn.Module):
             self.rope_cos, self.rope_sin = cos, sin
         return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
 
+    def _rows_rope_and_mask(self, cache: KVCache, T: int, device: torch.device) -> tuple[Any, Any, Any, Any]:
+        """Rotary tables, positions [B, T] and attention mask for a bound cache. Rows at one start need
+        neither gathers nor a row mask: one token sees every key; a block from position 0 is causal."""
+        self._rope(0, cache.kv_len)
+        if cache.start is not None:
+            s, mask = cache.start, None
+            if s > 0 and T > 1:
+                mask = torch.ones(T, s + T, dtype=torch.bool, device=device).tril(diagonal=s)
+            cos, sin = self._rope(s, T)
+            return cos, sin, None, mask
+        starts = torch.tensor(cache.starts, device=device)
+        pos = starts.unsqueeze(1) + torch.arange(T, device=device)  # [B, T]
+        keys = torch.arange(cache.kv_len, device=device)
+        mask = (keys <= pos.unsqueeze(-1)).unsqueeze(1)              # [B, 1, T, kv_len]
+        return self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1), pos, mask
+
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, d_model]."""
         B, T = idx.shape
         x = self.tok_embeddings(idx)
-        start = cache.pos if cache is not None else 0
-        cos, sin = self._rope(start, T)
+        if cache is not None and cache.bound:
+            cos, sin, cache.positions, cache.mask = self._rows_rope_and_mask(cache, T, idx.device)
+        else:
+            start = cache.pos if cache is not None else 0
+            cos, sin = self._rope(start, T)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i)
-        if cache is not None:
+        if cache is not None and not cache.bound:
             cache.pos += T
         return self.norm(x)
 
