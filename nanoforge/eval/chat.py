@@ -34,16 +34,12 @@ from nanoforge.errors import UserError
 from nanoforge.eval import metrics as M
 from nanoforge.eval.taskspec import TaskError, TaskSpec, load_task
 
+CHAT_TASKS = Path(__file__).parent / "tasks" / "chat"
+DEFAULT_CHAT = "{default_chat}"  # in a bundled task's data_files: the offline default chat data folder
+
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ASSISTANT_END = "<|assistant_end|>"
 SAMPLES_KEPT = 3
-
-
-def mc_question(question: str, choices: Sequence[str]) -> str:
-    """The user message of a multiple-choice question with lettered options (nanochat's layout)."""
-    lines = [f"Multiple Choice question: {question}"]
-    lines += [f"- {choice}={letter}" for letter, choice in zip(LETTERS, choices)]
-    return "\n".join(lines) + "\n\nRespond only with the letter of the correct answer."
 
 
 def letter_ids(tokenizer: Any, n: int) -> list[int]:
@@ -83,15 +79,16 @@ def categorical(model: Any, tokenizer: Any, spec: TaskSpec, docs: list[dict[str,
             raise TaskError(f"{spec.where('doc_to_choice')}: {len(choices)} options, at most {len(LETTERS)}")
         gold = spec.gold_index(doc, choices)
         gold = gold[0] if isinstance(gold, list) else gold
+        from nanoforge.data.chat import mc_question
+
         prompt = tokenizer.render_for_completion(_user(mc_question(spec.doc_to_text(doc), choices)))
         items.append((prompt, letter_ids(tokenizer, len(choices)), int(gold)))
     device = next(model.parameters()).device
-    limit = int(model.config.max_seq_len)
     acc, samples = [], []
     pad = tokenizer.bos_id if tokenizer.bos_id is not None else 0
     for start in progress.bar(range(0, len(items), batch_size), desc=spec.name, unit="batch"):
         part = items[start:start + batch_size]
-        prompts = [p[-limit:] for p, _, _ in part]
+        prompts = [p for p, _, _ in part]
         T = max(len(p) for p in prompts)
         x = torch.full((len(part), T), pad, dtype=torch.long, device=device)
         for i, p in enumerate(prompts):
@@ -123,7 +120,8 @@ def generative(model: Any, tokenizer: Any, spec: TaskSpec, docs: list[dict[str, 
     prompts = [_prompt(tokenizer, spec, d) for d in docs]
     engine = Engine(model, tokenizer, max_batch=batch_size)
     params = SamplingParams(temperature=0.0, max_tokens=max_new, stop=tuple(until))
-    values: dict[str, list[float]] = {f"exact_match,{f['name']}": [] for f in filters}
+    scored = "exact_match" in spec.metrics  # metric_list: [ended] asks only whether replies end
+    values: dict[str, list[float]] = {f"exact_match,{f['name']}": [] for f in filters} if scored else {}
     values["ended,none"] = []
     samples = []
     with progress.bar(total=len(docs), desc=spec.name, unit="doc") as bar:
@@ -131,7 +129,7 @@ def generative(model: Any, tokenizer: Any, spec: TaskSpec, docs: list[dict[str, 
             done = engine.generate(prompts[start:start + batch_size], params)
             for doc, prompt, c in zip(docs[start:start + batch_size], prompts[start:start + batch_size], done):
                 ref = spec.target_string(doc)
-                for f in filters:
+                for f in filters if scored else []:
                     try:
                         pred = M.apply_filters(c.text, f.get("filter", []))
                     except ValueError as e:
@@ -160,7 +158,7 @@ def eval_chat(checkpoint_or_model: Any, tasks: Sequence[str | os.PathLike | Task
     written atomically to `out` when given. Bad task files and missing data fail before the model loads."""
     from nanoforge.eval.tasks import _model_and_tokenizer
 
-    specs = [t if isinstance(t, TaskSpec) else load_task(t) for t in tasks]
+    specs = [t if isinstance(t, TaskSpec) else load_chat_task(t) for t in tasks]
     if not specs:
         raise UserError("no tasks given (bundled chat tasks: `nanoforge eval chat --list`)")
     for spec in specs:
@@ -190,7 +188,8 @@ def eval_chat(checkpoint_or_model: Any, tasks: Sequence[str | os.PathLike | Task
             metric, filt = key.split(",", 1)
             row[key] = sum(vals) / len(vals)
             row[f"{metric}_stderr,{filt}"] = M.mean_stderr(vals)
-        row["centered,none"] = (row[main_key] - base) / (1.0 - base)
+        if (spec.config.get("metadata") or {}).get("chatcore", True):
+            row["centered,none"] = (row[main_key] - base) / (1.0 - base)
         results[spec.name] = row
         n_samples[spec.name] = {"original": len(docs), "effective": len(chosen)}
         extra[spec.name] = {"seconds": round(seconds, 4), "chance": base, "main_metric": main_key,
@@ -207,8 +206,40 @@ def eval_chat(checkpoint_or_model: Any, tasks: Sequence[str | os.PathLike | Task
     return report
 
 
-def list_chat_tasks() -> list[dict[str, Any]]:
-    """Bundled chat tasks (YAMLs whose name ends in _chat)."""
-    from nanoforge.eval.taskspec import list_tasks
+def load_chat_task(name_or_path: str | os.PathLike) -> TaskSpec:
+    """load_task, with `{default_chat}` in data_files replaced by the default chat data folder (built on
+    first use, see nanoforge.data.chat.default_chat_data)."""
+    p = Path(name_or_path).expanduser()
+    if not p.suffix and not p.exists() and (CHAT_TASKS / f"{name_or_path}.yaml").is_file():
+        p = CHAT_TASKS / f"{name_or_path}.yaml"
+    elif not p.suffix and not p.exists():
+        names = ", ".join(t["task"] for t in list_chat_tasks())
+        raise TaskError(f"unknown chat task {name_or_path!r}: give a YAML file or one of {names}")
+    spec = load_task(p)
+    kwargs = spec.config.get("dataset_kwargs") or {}
+    files = kwargs.get("data_files")
+    if files is not None and DEFAULT_CHAT in str(files):
+        from nanoforge.data.chat import default_chat_data
 
-    return [t for t in list_tasks() if t["task"].endswith("_chat")]
+        root = str(default_chat_data())
+
+        def sub(v: Any) -> Any:
+            if isinstance(v, str):
+                return v.replace(DEFAULT_CHAT, root)
+            if isinstance(v, list):
+                return [sub(x) for x in v]
+            return {k: sub(x) for k, x in v.items()}
+
+        spec.config["dataset_kwargs"] = {**kwargs, "data_files": sub(files)}
+    return spec
+
+
+def list_chat_tasks() -> list[dict[str, Any]]:
+    """Bundled chat tasks (nanoforge/eval/tasks/chat/*.yaml): task, path, output type, about."""
+    rows = []
+    for f in sorted(CHAT_TASKS.glob("*.yaml")):
+        first = f.read_text(encoding="utf-8").splitlines()[0]
+        spec = load_task(f)
+        rows.append({"task": spec.name, "path": str(f), "output_type": spec.output_type,
+                     "about": first.lstrip("# ").strip() if first.startswith("#") else ""})
+    return rows
