@@ -34,7 +34,7 @@ ASSISTANT_END = "<|assistant_end|>"
 
 def train_sft(from_checkpoint: str | Path, data: str | Path, *, tag: str, phase: str = "sft",
               val: str | Path | None = None, config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-              run: str | None = None, resume: bool = False) -> dict[str, Any]:
+              run: str | None = None, resume: bool = False, own_run: bool = False) -> dict[str, Any]:
     """Fine-tune the checkpoint `from_checkpoint` (a base checkpoint, or a mid one for sft) on the
     conversations of `data` (a file, a mixture TOML, or a folder with train/ and val/ splits); checkpoints go
     to checkpoints/<phase>/<tag>/. Returns the loop's summary plus `conversations`, `truncated`, `dropped`,
@@ -67,7 +67,7 @@ def train_sft(from_checkpoint: str | Path, data: str | Path, *, tag: str, phase:
                                               device=next(base_model.parameters()).device,
                                               max_batches=cfg.train.eval_batches or None, pad_id=chat._pad_id())
         del base_model
-    summary = train(cfg, data=chat, tag=tag, run=run, phase=phase, resume=resume)
+    summary = train(cfg, data=chat, tag=tag, run=run, phase=phase, resume=resume, own_run=own_run)
     summary.update(chat.summary())
     return summary
 
