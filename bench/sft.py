@@ -13,7 +13,7 @@ step's losses must agree (within 1e-4). tokens/s = batch × seq_len / the median
 dropped); ours per step includes loading the batch.
 
     .venv/bin/python bench/sft.py                 # 12 steps each, batch 16 × 256
-    .venv/bin/python bench/sft.py --steps 6 --batch 8
+    .venv/bin/python bench/sft.py --steps 6 --batch 8 --chat-data ~/.cache/nanoforge/chat/default-py3.11
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TARGET = 1.3  # ours / TRL tokens per second
 
 
-def setup(home: Path, batch: int, seq_len: int) -> dict:
+def setup(home: Path, batch: int, seq_len: int, chat_data: str | None) -> dict:
     import torch
 
     from nanoforge import checkpoint as ckpt
@@ -42,7 +42,7 @@ def setup(home: Path, batch: int, seq_len: int) -> dict:
     from nanoforge.tokenizer import Tokenizer
     from nanoforge.tokenizer.train import train_tokenizer
 
-    data = default_chat_data()
+    data = Path(chat_data) if chat_data else default_chat_data()
     text = []
     for f in sorted((data / "train").glob("*.jsonl")):
         for line in f.read_text(encoding="utf-8").splitlines():
@@ -146,6 +146,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--chat-data", default=None, help="an existing default chat data folder (default: build one, "
+                    "which takes a few minutes)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="nanoforge-bench-sft-") as tmp:
         home = Path(tmp)
@@ -153,7 +155,7 @@ def main() -> int:
         from nanoforge import progress
 
         progress.enable(bars=False)
-        env = setup(home, args.batch, args.seq_len)
+        env = setup(home, args.batch, args.seq_len, args.chat_data)
         a = ours(env, args.steps)
         b = run_trl(env, args.steps, args.batch, args.seq_len, home)
     tokens = args.batch * args.seq_len
