@@ -78,6 +78,17 @@ class DataSection:
 
 
 @dataclass
+class SftSection:
+    """[sft]: mid-training and supervised fine-tuning on conversations (`nanoforge train mid|sft`)."""
+
+    epochs: float = 1.0            # passes over the training conversations when train.max_steps = 0
+    learn: str = "assistant"       # assistant: the rendered mask (assistant turns) | all: every token (mid)
+    buffer_size: int = 100         # conversations the best-fit packer chooses a row's next one from
+    lr_scale: float = 1.0          # multiplies the --from checkpoint's learning rates (train.* set here win)
+    val_conversations: int = 200   # held out of --data when neither --val nor a val/ split is given
+
+
+@dataclass
 class TokenizerSection:
     backend: str = "rustbpe"
     vocab_size: int = 4096
@@ -94,13 +105,14 @@ class EvalSection:
 
 
 SECTIONS: dict[str, type] = {"model": ModelSection, "train": TrainSection, "data": DataSection,
-                             "tokenizer": TokenizerSection, "eval": EvalSection}
+                             "tokenizer": TokenizerSection, "eval": EvalSection, "sft": SftSection}
 CHOICES = {("train", "optimizer"): ("adamw", "muon"),
            ("train", "schedule"): ("cosine", "linear", "wsd", "constant"),
            ("train", "dtype"): ("auto", "float32", "bfloat16"),
            ("train", "compile"): ("auto", "true", "false"),
            ("train", "parallel"): ("ddp", "fsdp"),
            ("data", "layout"): ("packed", "bos_aligned", "unpacked"),
+           ("sft", "learn"): ("assistant", "all"),
            ("tokenizer", "backend"): ("rustbpe", "neox", "python")}
 _DEPTH_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
 
@@ -112,6 +124,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    sft: SftSection = field(default_factory=SftSection)
     preset: str = ""
 
     def model_config(self) -> ModelConfig:
@@ -190,6 +203,28 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
     return cfg
 
 
+def apply_layers(cfg: RunConfig, layers: list[tuple[str | Path, str]] = (),
+                 overrides: list[str] | tuple[str, ...] = ()) -> set[tuple[str, str]]:
+    """Apply TOML files [(path, what)] and then `section.key=value` overrides onto `cfg` in place (no depth
+    derivation, not validated); returns the (section, key) pairs they set. The chat stages start from a
+    base checkpoint's resolved config and put their phase defaults and the user's settings on top."""
+    touched: set[tuple[str, str]] = set()
+    for path, where in layers:
+        for section, values in _read_toml(Path(path)).items():
+            if section == "preset":
+                continue
+            if section not in SECTIONS or not isinstance(values, dict):
+                raise UserError(f"{where}: unknown section '{section}'; valid sections: {', '.join(SECTIONS)}")
+            for key, value in values.items():
+                _set(cfg, section, key, value, where)
+                touched.add((section, key))
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        _set(cfg, section, key, value, f"--set {item}")
+        touched.add((section, key))
+    return touched
+
+
 def validate(cfg: RunConfig) -> None:
     for (section, key), choices in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
@@ -205,6 +240,10 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.lr must be positive, got {t.lr}")
     if t.warmup_steps < 0:
         raise UserError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    if cfg.sft.epochs <= 0 or cfg.sft.buffer_size < 1 or cfg.sft.lr_scale <= 0 or cfg.sft.val_conversations < 0:
+        raise UserError(f"sft.epochs and sft.lr_scale must be positive, sft.buffer_size >= 1 and "
+                        f"sft.val_conversations >= 0; got {cfg.sft.epochs}, {cfg.sft.lr_scale}, "
+                        f"{cfg.sft.buffer_size}, {cfg.sft.val_conversations}")
     cfg.model_config()  # ModelConfig validates the shape
 
 
