@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -111,14 +110,19 @@ def pull(repo: str, *, kind: str = "model", revision: str | None = None, name: s
     docstring) and return that folder; for kind "nanochat" the bundle is also imported and the checkpoint
     folder (checkpoints/<phase>/<name>) is returned. A Hub tokenizer without nanoforge.json is imported
     from its tokenizer.json. Refuses an existing destination unless `force`."""
-    from huggingface_hub import snapshot_download
-
     if kind not in KINDS:
         raise UserError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
     name = name or repo.rstrip("/").split("/")[-1]
-    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
-        raise UserError(f"name {name!r} must be one folder name of letters, digits and ._- (pass --name)")
+    home_mod.check_name(name, "--name")
     dest = _dest(kind, name)
+    with home_mod.lock(dest, kind):
+        return _pull_locked(repo, kind, revision, name, dest, force, phase)
+
+
+def _pull_locked(repo: str, kind: str, revision: str | None, name: str, dest: Path, force: bool,
+                 phase: str) -> Path:
+    from huggingface_hub import snapshot_download
+
     if dest.exists() and not force:
         raise UserError(f"{dest} already exists (use --force to replace it)")
     staging = dest.parent / f".pull-{name}"

@@ -161,13 +161,23 @@ def import_nanochat(path: str | os.PathLike, tag: str, *, phase: str = "base", s
     tokenizers/<tag> (reused when the same one is there already). Returns the checkpoint folder.
     Refuses: files that need full unpickling, a meta without model_config, the 2026 architecture, a
     tokenizer whose size differs from the model's vocabulary or whose token_bytes.pt disagrees."""
-    from nanoforge.checkpoint import PHASES, load_weights, save_checkpoint
+    from nanoforge.checkpoint import PHASES
+
+    if phase not in PHASES:
+        raise UserError(f"--phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    home_mod.check_name(tag, "--tag")
+    dest = home_mod.checkpoint_dir(phase, tag)
+    with home_mod.lock(dest, "checkpoint"), home_mod.lock(home_mod.tokenizer_dir(tag), "tokenizer"):
+        return _import_locked(path, tag, phase, step, force, dest)
+
+
+def _import_locked(path: str | os.PathLike, tag: str, phase: str, step: int | None, force: bool,
+                   dest: Path) -> Path:
+    from nanoforge.checkpoint import load_weights, save_checkpoint
     from nanoforge.model import LLaMA
     from nanoforge.tokenizer import Tokenizer
     from nanoforge.tokenizer.formats import _save, nanochat_tokenizer
 
-    if phase not in PHASES:
-        raise UserError(f"--phase must be one of {', '.join(PHASES)}, got {phase!r}")
     folder, step = find_checkpoint(path, step)
     model_file = folder / f"model_{step:06d}.pt"
     if not model_file.is_file():  # nanochat pads steps to 6 digits; accept other paddings too
@@ -176,7 +186,6 @@ def import_nanochat(path: str | os.PathLike, tag: str, *, phase: str = "base", s
     nc_meta = home_mod.read_json(meta_file, "nanochat meta")
     if not isinstance(nc_meta, dict) or not isinstance(nc_meta.get("model_config"), dict):
         raise UserError(f"{meta_file} has no model_config: not a nanochat checkpoint meta")
-    dest = home_mod.checkpoint_dir(phase, tag)
     if dest.exists() and not force:
         raise UserError(f"checkpoint {dest} already exists (use --force to replace it)")
     state = read_state(model_file)
