@@ -208,10 +208,11 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias whose product goes through `linear` (same parameters and state dict)."""
+    """nn.Linear (no bias by default) whose product goes through `linear` (same parameters and state dict)."""
 
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        y = linear(x, self.weight)
+        return y if self.bias is None else y + self.bias

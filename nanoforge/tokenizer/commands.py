@@ -1,4 +1,5 @@
-"""`nanoforge tokenizer train|eval|export-hf|import-hf|import-nanochat`: thin wrappers over the library."""
+"""`nanoforge tokenizer train|eval|export-hf|import-hf|import-nanochat|import-tiktoken`: thin wrappers over
+the library."""
 
 from __future__ import annotations
 
@@ -55,13 +56,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_import_hf)
 
     p = subparser(tsub, "import-nanochat", "import a nanochat tokenizer folder (tokenizer.pkl)",
-                  "nanoforge tokenizer import-nanochat ~/.cache/nanochat/tokenizer --name nanochat --trust-pickle")
-    p.add_argument("src", help="nanochat tokenizer folder (holds tokenizer.pkl) or the .pkl file")
+                  "nanoforge tokenizer import-nanochat ~/.cache/nanochat/tokenizer --name nanochat")
+    p.add_argument("src", help="nanochat tokenizer folder (holds tokenizer.pkl) or the .pkl file; read by a "
+                               "restricted unpickler that runs no code")
     p.add_argument("--name", required=True)
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow loading the pickle (pickles can run arbitrary code: only for files you trust)")
+    p.add_argument("--trust-pickle", action="store_true", help=argparse.SUPPRESS)  # no longer needed
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_import_nanochat)
+
+    p = subparser(tsub, "import-tiktoken", "import a tiktoken rank file (Qwen2.5's qwen.tiktoken, cl100k_base, ...)",
+                  "nanoforge tokenizer import-tiktoken qwen.tiktoken --pattern qwen2 "
+                  "--specials '<|endoftext|>,<|im_start|>,<|im_end|>' --name qwen2.5")
+    p.add_argument("src", help='a *.tiktoken file: one "base64(token) rank" per line')
+    p.add_argument("--name", required=True)
+    p.add_argument("--pattern", required=True,
+                   help="the split regex, or a known name: nanochat, cl100k, qwen2")
+    p.add_argument("--specials", default="",
+                   help="comma-separated special tokens of the file, TOKEN (next free id) or TOKEN=ID; our nine "
+                        "chat specials that are missing are appended after them")
+    p.add_argument("--no-chat-specials", action="store_true", help="do not append the chat special tokens")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_import_tiktoken)
 
     group.set_defaults(func=lambda args: group.print_help() or 2)
 
@@ -110,5 +126,18 @@ def _import_hf(args: argparse.Namespace) -> int:
 def _import_nanochat(args: argparse.Namespace) -> int:
     from nanoforge.tokenizer.formats import import_nanochat
 
-    print(import_nanochat(args.src, name=args.name, trust_pickle=args.trust_pickle, force=args.force))
+    print(import_nanochat(args.src, name=args.name, force=args.force))
+    return 0
+
+
+def _import_tiktoken(args: argparse.Namespace) -> int:
+    from nanoforge.tokenizer import Tokenizer
+    from nanoforge.tokenizer.formats import import_tiktoken
+
+    path = import_tiktoken(args.src, name=args.name, pattern=args.pattern, specials=args.specials.split(","),
+                           add_chat_specials=not args.no_chat_specials, force=args.force)
+    tok = Tokenizer.load(path)
+    _print({"path": str(path), "vocab_size": tok.vocab_size, "special_tokens": tok.special_tokens,
+            "fingerprint": tok.fingerprint}, args.json,
+           f"{path} ({tok.vocab_size} ids, {len(tok.special_tokens)} special tokens)")
     return 0
