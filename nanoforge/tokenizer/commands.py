@@ -31,12 +31,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
     p = subparser(tsub, "eval", "compare tokenizers with GerTokEval's metrics (tables, JSON, plots)",
-                  "nanoforge tokenizer eval --config tokenizers.json --data ~/corpus/de --samples 1000 --out eval/")
+                  "nanoforge tokenizer eval --config tokenizers.json --data ~/corpus/de --samples 1000 --out eval/\n"
+                  "  nanoforge tokenizer eval --config tokenizers.json --datasets dataset-configs.json --out eval/")
     p.add_argument("--config", required=True,
                    help='JSON: {"name": {"class": "huggingface"|"nanoforge", "path": ...}, ...}')
-    p.add_argument("--data", required=True, nargs="+", help="evaluation text: corpus folder(s) or file(s)")
-    p.add_argument("--samples", type=int, default=None, help="use the first N documents (default: all)")
+    p.add_argument("--data", nargs="+", help="evaluation text: corpus folder(s) or file(s)")
+    p.add_argument("--datasets", help="GerTokEval dataset-configs.json: several datasets, per-dataset tables, "
+                   "plots and the fairness Gini across them (instead of --data)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="use the first N non-empty texts (per dataset with --datasets; default: all)")
     p.add_argument("--unit", default="bytes", choices=["bytes", "words"], help="fertility denominator")
+    p.add_argument("--cost-unit", default="texts", choices=["texts", "bytes", "words"],
+                   help="unit of the Gini's cost and the compression ratio (GerTokEval's default: texts)")
+    p.add_argument("--gertokeval-bold", action="store_true",
+                   help="bold the highest tokens/line as GerTokEval's tables do (ours: lowest is best)")
     p.add_argument("--out", required=True, help="folder for results.md/.tex/.csv/.json and plots")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_eval)
@@ -102,7 +110,9 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from nanoforge.tokenizer.metrics import evaluate_tokenizers
 
-    result = evaluate_tokenizers(args.config, args.data, samples=args.samples, unit=args.unit, out=args.out)
+    result = evaluate_tokenizers(args.config, args.data, samples=args.samples, unit=args.unit,
+                                 cost_unit=args.cost_unit, datasets=args.datasets,
+                                 gertokeval_bold=args.gertokeval_bold, out=args.out)
     _print(result["summary"], args.json, result["tables"]["md"])
     return 0
 
