@@ -154,10 +154,8 @@ def load_export(folder: Path, device: str | torch.device = "cpu") -> tuple[torch
 
 
 def default_engine(model: torch.nn.Module, tokenizer: Any, max_batch: int) -> Any:
-    try:
-        from nanoforge.infer.engine import Engine
-    except ImportError:
-        from nanoforge.infer._simple_engine import SimpleEngine as Engine
+    from nanoforge.infer.engine import Engine
+
     return Engine(model, tokenizer, max_batch=max_batch)
 
 

@@ -151,6 +151,28 @@ _TOOL_RE = re.compile(r"<\|python_start\|>(.*?)(?:<\|python_end\|>|$)|<\|output_
                       re.S)
 
 
+class PartText:
+    """The engine's deltas (text of a part: "text", "python", "python_output") as one plain string with
+    the tool-call markers around tool parts: `feed` each delta, `close` at the end."""
+
+    def __init__(self) -> None:
+        self.part = "text"
+
+    def feed(self, part: str, text: str) -> str:
+        out = ""
+        if part != self.part:
+            out += self.close()
+            if part in TOOL_MARKERS:
+                out += TOOL_MARKERS[part][0]
+            self.part = part
+        return out + text
+
+    def close(self) -> str:
+        out = TOOL_MARKERS[self.part][1] if self.part in TOOL_MARKERS else ""
+        self.part = "text"
+        return out
+
+
 def text_to_parts(text: str) -> str | list[dict[str, str]]:
     """Assistant text with tool-call markers -> content parts (text / python / python_output); plain text
     stays a string."""

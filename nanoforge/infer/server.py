@@ -51,18 +51,13 @@ class ServeLimits:
 
 
 def _sampling_params(**kw: Any) -> Any:
-    try:
-        from nanoforge.infer.engine import SamplingParams
-    except ImportError:
-        from nanoforge.infer._simple_engine import SamplingParams
+    from nanoforge.infer.engine import SamplingParams
+
     return SamplingParams(**kw)
 
 
 def _render(tok: Any, conv: list[dict[str, Any]]) -> list[int]:
     try:
-        if not hasattr(tok, "render_for_completion"):
-            from nanoforge.infer._simple_engine import render_for_completion
-            return render_for_completion(tok, conv)
         return tok.render_for_completion(conv)
     except UserError as e:
         raise P.APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
@@ -75,6 +70,7 @@ class _Run:
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.tickets: list[Any] = []
+        self.texts: list[P.PartText] = []
 
     def on_event(self, index: int):  # noqa: ANN201
         def put(kind: str, ticket: Any, payload: Any) -> None:
@@ -175,6 +171,7 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, limits: ServeLimi
                                               top_p=1.0 if req.top_p is None else req.top_p, seed=seed + j,
                                               max_tokens=max_tokens, stop=tuple(req.stop_list()))
                     run.tickets.append(lm.worker.submit(ids, params, run.on_event(index)))
+                    run.texts.append(P.PartText())
                     index += 1
         except QueueFull as e:
             run.cancel()
@@ -203,8 +200,9 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, limits: ServeLimi
                         return []
                     continue
                 if kind == "delta":
-                    texts[index] += payload.text
+                    texts[index] += run.texts[index].feed(payload.part, payload.text)
                 elif kind == "done":
+                    texts[index] += run.texts[index].close()
                     reasons[index] = finish(payload)
                     left -= 1
                 elif kind == "error":
@@ -225,10 +223,13 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, limits: ServeLimi
                 index, kind, ticket, payload = await run.queue.get()
                 if kind == "queued":  # an SSE comment: clients ignore it, our UI shows the position
                     yield f": queue position {payload}\n\n".encode()
-                elif kind == "delta" and payload.text:
-                    yield P.sse(P.chat_chunk(rid, model_id, created, index, {"content": payload.text}) if chat
-                                else P.completion_chunk(rid, model_id, created, index, payload.text))
-                elif kind == "done":
+                elif kind in ("delta", "done"):
+                    text = run.texts[index].feed(payload.part, payload.text) if kind == "delta" \
+                        else run.texts[index].close()
+                    if text:
+                        yield P.sse(P.chat_chunk(rid, model_id, created, index, {"content": text}) if chat
+                                    else P.completion_chunk(rid, model_id, created, index, text))
+                if kind == "done":
                     left -= 1
                     t = timing_of([ticket])
                     yield P.sse(P.chat_chunk(rid, model_id, created, index, {}, finish(payload), t) if chat
