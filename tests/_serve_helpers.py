@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -58,3 +59,43 @@ def http(method: str, url: str, body: bytes | dict | None = None, headers: dict[
             return r.status, json.loads(r.read() or b"null")
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"null")
+
+
+class ScriptedEngine:
+    """Replies with a fixed script of (part, text) pieces, one piece per step and `delay` seconds a step:
+    model output chosen by the test (markdown, hostile HTML, a tool call). A prompt whose last user message
+    contains "long" gets `long_script`."""
+
+    def __init__(self, tokenizer: Any, script: list[tuple[str, str]], long_script: list[tuple[str, str]],
+                 delay: float = 0.03) -> None:
+        self.tokenizer, self.script, self.long_script, self.delay = tokenizer, script, long_script, delay
+        self.rows: dict[int, list] = {}
+        self.next = 0
+
+    def add(self, prompt_ids: list[int], params: Any) -> int:
+        rid, self.next = self.next, self.next + 1
+        text = self.tokenizer.decode(prompt_ids).rsplit("<|user_start|>", 1)[-1]  # the last user message
+        self.rows[rid] = [self.long_script if "long" in text else self.script, 0, params.max_tokens]
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        self.rows.pop(rid, None)
+
+    def has_work(self) -> bool:
+        return bool(self.rows)
+
+    def step(self) -> list:
+        from nanoforge.infer.engine import Delta
+
+        time.sleep(self.delay)
+        out = []
+        for rid, row in list(self.rows.items()):
+            script, i, budget = row
+            part, text = script[i]
+            row[1] = i + 1
+            done = row[1] >= len(script) or row[1] >= budget
+            out.append(Delta(rid, [1], text, part == "python_output", ("stop" if row[1] >= len(script) else "length")
+                             if done else None, part))
+            if done:
+                del self.rows[rid]
+        return out

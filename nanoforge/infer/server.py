@@ -88,8 +88,7 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, limits: ServeLimi
     limits = limits or ServeLimits()
     app = FastAPI(title="nanoforge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pool = pool
-    if (UI_DIR / "static").is_dir():
-        app.mount("/static", StaticFiles(directory=UI_DIR / "static"), name="static")
+    app.mount("/ui", StaticFiles(directory=UI_DIR), name="ui")
 
     @app.exception_handler(P.APIError)
     async def _api_error(request: Request, e: P.APIError) -> JSONResponse:
@@ -372,7 +371,7 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, limits: ServeLimi
         for i in ids:
             raw = tok.id_bytes(i)
             pieces.append({"id": i, "piece": special.get(i) or raw.decode("utf-8", errors="replace"),
-                           "bytes": len(raw)})
+                           "bytes": len(raw), "hex": raw.hex()})
         return {"tokenizer": name, "tokens": ids, "pieces": pieces, "count": len(ids),
                 "bytes": len(req.content.encode("utf-8"))}
 
