@@ -278,3 +278,39 @@ def test_serve_refuses_an_open_address_without_a_key_and_an_empty_home(capsys):
     assert "--api-key" in capsys.readouterr().err
     assert main(["serve"]) == 2
     assert "no models to serve" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sixteen_concurrent_streams_complete_unmixed_while_health_answers(models, capsys):
+    """The loopback load test: 16 streaming clients at once, each with its own prompt, greedy. Every stream
+    completes with exactly the text that prompt gets alone; /health keeps answering during the load."""
+    from nanoforge.infer.loadgen import run_load
+    from nanoforge.infer.models import ModelPool, discover
+    from nanoforge.infer.server import create_app, run_in_thread
+
+    pool = ModelPool(discover([str(models["sft/chat"])]), device="cpu", max_batch=16)
+    words = "Haus Baum Katze Hund Sonne Mond Stern Wasser Feuer Erde Himmel rot blau grün groß klein".split()
+    bodies = [{"model": "sft/chat", "temperature": 0, "max_tokens": 32,
+               "messages": [{"role": "user", "content": f"Erzähl von {w} Nummer {i}"}]} for i, w in enumerate(words)]
+    with run_in_thread(create_app(pool)) as url:
+        c = client(url)
+        alone = [c.chat.completions.create(**b).choices[0].message.content for b in bodies]
+        health: list[int] = []
+        report: dict = {}
+        runner = threading.Thread(target=lambda: report.update(run_load(url, bodies, concurrency=16)))
+        runner.start()
+        while runner.is_alive():
+            health.append(http("GET", url + "/health")[0])
+            time.sleep(0.02)
+        runner.join()
+    pool.close()
+    assert report["errors"] == []
+    results = report["results"]
+    assert all(r["finish_reason"] in ("stop", "length") and len(r["ids"]) == 1 for r in results)
+    assert len({next(iter(r["ids"])) for r in results}) == 16  # one id per stream, none shared
+    assert [r["text"] for r in results] == alone  # nothing dropped, nothing mixed between clients
+    assert health and all(s == 200 for s in health)
+    with capsys.disabled():
+        print(f"\n16 concurrent streams: TTFT p50 {report['ttft_p50_s'] * 1e3:.0f} ms, p99 "
+              f"{report['ttft_p99_s'] * 1e3:.0f} ms, {report['tokens_per_s']:.0f} tokens/s aggregate "
+              f"({report['tokens']} tokens in {report['wall_s']:.2f} s), /health answered {len(health)} times")
