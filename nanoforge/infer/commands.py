@@ -59,12 +59,18 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting per model before 429")
     p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is often fastest for small models on a busy CPU)")
     p.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from nanoforge.infer.server import ServeLimits, serve
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     def ready(models: list) -> None:
         print(f"serving {len(models)} model(s): {', '.join(m.id for m in models)}", file=sys.stderr)
         print(f"web UI: http://{args.host}:{args.port}/   OpenAI API: http://{args.host}:{args.port}/v1",

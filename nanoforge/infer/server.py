@@ -159,16 +159,20 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, limits: ServeLimi
                              f"context of {context} tokens", param=param, code="context_length_exceeded")
         return want
 
-    def submit(lm: Any, run: _Run, prompts: list[list[int]], req: Any, max_tokens: int) -> None:
+    def submit(lm: Any, run: _Run, prompts: list[list[int]], req: Any, max_tokens: int, chat: bool) -> None:
         seed = req.seed if req.seed is not None else secrets.randbits(31)
         temperature = 1.0 if req.temperature is None else req.temperature
+        # A chat reply ends at <|assistant_end|> (the engine's default); a base model's text at BOS/EOS only.
+        tok = lm.tokenizer
+        stop_ids = None if chat else tuple({i for i in (tok.bos_id, tok.eos_id) if i is not None})
         index = 0
         try:
             for ids in prompts:
                 for j in range(req.n):
                     params = _sampling_params(temperature=temperature, top_k=req.top_k or None,
                                               top_p=1.0 if req.top_p is None else req.top_p, seed=seed + j,
-                                              max_tokens=max_tokens, stop=tuple(req.stop_list()))
+                                              max_tokens=max_tokens, stop=tuple(req.stop_list()),
+                                              stop_token_ids=stop_ids)
                     run.tickets.append(lm.worker.submit(ids, params, run.on_event(index)))
                     run.texts.append(P.PartText())
                     index += 1
@@ -295,7 +299,7 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, limits: ServeLimi
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = budget(req, len(ids), lm.context, param)
         run = _Run(asyncio.get_running_loop())
-        submit(lm, run, [ids], req, max_tokens)
+        submit(lm, run, [ids], req, max_tokens, chat=True)
         return await respond(request, run, req, req.model, chat=True)
 
     @app.post("/v1/completions")
@@ -322,7 +326,7 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, limits: ServeLimi
                 prompts.append(list(p))
         max_tokens = min(budget(req, len(p), lm.context, "max_tokens") for p in prompts)
         run = _Run(asyncio.get_running_loop())
-        submit(lm, run, prompts, req, max_tokens)
+        submit(lm, run, prompts, req, max_tokens, chat=False)
         return await respond(request, run, req, req.model, chat=False)
 
     def tokenizer_for(model_id: str | None, name: str | None) -> tuple[str, Any]:
