@@ -314,3 +314,51 @@ def test_sixteen_concurrent_streams_complete_unmixed_while_health_answers(models
         print(f"\n16 concurrent streams: TTFT p50 {report['ttft_p50_s'] * 1e3:.0f} ms, p99 "
               f"{report['ttft_p99_s'] * 1e3:.0f} ms, {report['tokens_per_s']:.0f} tokens/s aggregate "
               f"({report['tokens']} tokens in {report['wall_s']:.2f} s), /health answered {len(health)} times")
+
+
+def test_tool_calls_read_as_marked_text_and_come_back_as_parts(models):
+    """A reply's tool parts reach a plain client as marked text; sent back as history they render to the
+    same ids as the conversation with python/python_output parts."""
+    from nanoforge.infer import protocol as P
+    from nanoforge.tokenizer import Tokenizer
+
+    pt = P.PartText()
+    pieces = [("text", "Ich rechne: "), ("python", "2+3"), ("python_output", ""), ("python_output", "5"),
+              ("text", " also 5.")]
+    text = "".join(pt.feed(part, t) for part, t in pieces) + pt.close()
+    assert text == "Ich rechne: <|python_start|>2+3<|python_end|><|output_start|>5<|output_end|> also 5."
+    parts = [{"type": "text", "text": "Ich rechne: "}, {"type": "python", "text": "2+3"},
+             {"type": "python_output", "text": "5"}, {"type": "text", "text": " also 5."}]
+    msgs = [P.ChatMessage(role="user", content="Was ist 2+3?"), P.ChatMessage(role="assistant", content=text),
+            P.ChatMessage(role="user", content="Danke")]
+    conv = P.conversation(msgs)
+    assert conv[1]["content"] == parts
+    tok = Tokenizer.load(models["tokenizer"])
+    want = tok.render_for_completion([{"role": "user", "content": "Was ist 2+3?"},
+                                      {"role": "assistant", "content": parts}, {"role": "user", "content": "Danke"}])
+    assert tok.render_for_completion(conv) == want
+
+
+def test_default_discovery_exports_and_a_bounded_number_of_loaded_models(models, nanoforge_home, tmp_path):
+    """With no paths the server offers every checkpoint and export under $NANOFORGE_HOME; an export
+    serves the same greedy text as its checkpoint; with max_loaded=1 the idle model is unloaded."""
+    import shutil
+
+    from nanoforge.export.hf import export_hf
+    from nanoforge.infer.models import ModelPool, discover
+    from nanoforge.infer.server import create_app, run_in_thread
+
+    shutil.copytree(models["base/tiny"], nanoforge_home / "checkpoints" / "base" / "tiny")
+    export_hf(models["base/tiny"], nanoforge_home / "exports" / "tiny")
+    found = discover()
+    assert [m.id for m in found] == ["base/tiny", "export/tiny"]
+    assert found[1].info["parameters"] == found[0].info["parameters"] and found[1].info["context"] == 256
+    pool = ModelPool(found, device="cpu", max_loaded=1)
+    with run_in_thread(create_app(pool)) as url:
+        c = client(url)
+        texts = [c.completions.create(model=m, prompt="rot und blau", max_tokens=16, temperature=0).choices[0].text
+                 for m in ("base/tiny", "export/tiny")]
+        assert texts[0] == texts[1]
+        state = http("GET", url + "/health")[1]["models"]
+        assert state["export/tiny"]["loaded"] and not state["base/tiny"]["loaded"]
+    pool.close()
