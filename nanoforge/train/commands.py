@@ -48,10 +48,15 @@ def _train_base(args: argparse.Namespace) -> int:
     if summary.get("rank", 0) == 0:
         if args.json:
             print(json.dumps(summary, indent=2))
+        elif summary.get("already_complete"):
+            print(f"checkpoint tag '{tag}' is already complete at step {summary['step']}/{summary['max_steps']}: "
+                  f"nothing to do (raise train.max_steps to train it further)")
+            print(f"checkpoint: {summary['checkpoint']}")
         else:
-            bpb = summary["val_bpb"]
+            bpb, tps = summary["val_bpb"], summary["tokens_per_second"]
             print(f"step {summary['step']}/{summary['max_steps']}  loss {summary['loss']:.4f}  "
-                  f"val bpb {bpb if bpb is None else round(bpb, 4)}  {summary['tokens_per_second']:,.0f} tokens/s")
+                  f"val bpb {bpb if bpb is None else round(bpb, 4)}  "
+                  f"{'-' if tps is None else f'{tps:,.0f}'} tokens/s")
             print(f"checkpoint: {summary['checkpoint']}")
             print(f"metrics:    {summary['metrics']}")
     if summary["interrupted"]:

@@ -32,14 +32,20 @@ from nanoforge.config import RunConfig, load_config
 from nanoforge.errors import UserError
 from nanoforge.train.optim import build_optimizer, lr_multiplier, set_lr
 
+RUN_OWNER = "train.json"  # runs/<run>/train.json: {"phase", "tag"} of the training that writes the run
+
 
 def train(config: RunConfig | dict[str, Any] | str, *, tokens: str, tag: str, run: str | None = None,
-          phase: str = "base", resume: bool = False) -> dict[str, Any]:
+          phase: str = "base", resume: bool = False, own_run: bool = False) -> dict[str, Any]:
     """Train per `config` (a RunConfig, its dict, or a preset name) on token shards `tokens` (a name under
     tokens/ or a path); checkpoints go to checkpoints/<phase>/<tag>/. Returns a summary dict: step, loss,
     val_bpb, tokens_per_second, mfu, checkpoint, metrics, run_dir, interrupted.
-    Refuses (UserError): missing shards, a batch that does not divide into micro-batches, an existing tag
-    without resume, and on resume a different tokenizer, model shape or number of processes."""
+    Holds the locks of the tag and of the run folder while it trains. A run folder belongs to one training:
+    one that another tag wrote metrics to is refused (`own_run=True`: the caller owns it, as a speedrun
+    does its own, and the training's metrics replace the old ones).
+    Refuses (UserError): an invalid tag or run name, a tag or run folder in use by another process,
+    missing shards, a batch that does not divide into micro-batches, an existing tag without resume, and on
+    resume a different tokenizer, model shape or number of processes, or a run that is already complete."""
     cfg = _as_config(config)
     tc = cfg.train
     device = _device(tc.device)
@@ -47,8 +53,20 @@ def train(config: RunConfig | dict[str, Any] | str, *, tokens: str, tag: str, ru
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
     try:
-        return _Trainer(cfg, tokens=tokens, tag=tag, run=run, phase=phase, resume=resume, device=device,
-                        info=info).run()
+        trainer = _Trainer(cfg, tokens=tokens, tag=tag, run=run, phase=phase, resume=resume, device=device,
+                           info=info, own_run=own_run)
+        with contextlib.ExitStack() as held:
+            error = None
+            if info.is_main:
+                try:
+                    held.enter_context(home.lock(trainer.ckpt_dir, f"checkpoint tag '{tag}'"))
+                    held.enter_context(home.lock(trainer.run_dir, "run folder"))
+                    trainer.check_run_folder()
+                except UserError as e:
+                    error = e
+            if D.any_rank(error is not None, info, device):
+                raise error or UserError(f"rank 0 could not start the training of tag '{tag}' (see its message)")
+            return trainer.run()
     finally:
         D.teardown(info)
 
@@ -80,9 +98,9 @@ class _Interrupt:
 
 class _Trainer:
     def __init__(self, cfg: RunConfig, *, tokens: str, tag: str, run: str | None, phase: str, resume: bool,
-                 device: torch.device, info: D.DistInfo) -> None:
+                 device: torch.device, info: D.DistInfo, own_run: bool = False) -> None:
         self.cfg, self.tc, self.info, self.device = cfg, cfg.train, info, device
-        self.phase, self.tag, self.resume = phase, tag, resume
+        self.phase, self.tag, self.resume, self.own_run = phase, tag, resume, own_run
         self.run_name = run or f"{phase}-{tag}"
         self.tokens_dir = home.resolve(tokens, "tokens")
         self.tokens_name = str(tokens)
@@ -90,6 +108,23 @@ class _Trainer:
         self.run_dir = home.run_dir(self.run_name)
 
     # --- setup --------------------------------------------------------------------------------------
+    def check_run_folder(self) -> None:
+        """A run folder belongs to the training that made it: refuse one another tag wrote metrics to.
+        runs/<run>/train.json names the owner (phase and tag)."""
+        owner_path = self.run_dir / RUN_OWNER
+        me = {"phase": self.phase, "tag": self.tag}
+        owner = home.read_json(owner_path, "run owner") if owner_path.is_file() else None
+        foreign = (owner is not None and {k: owner.get(k) for k in me} != me) or \
+            (owner is None and (self.run_dir / "metrics.jsonl").exists() and not self.resume)
+        if foreign and not self.own_run:
+            whose = f"the training of tag '{owner.get('tag')}' ({owner.get('phase')})" if owner else \
+                "another training"
+            raise UserError(f"run folder {self.run_dir} belongs to {whose}: pick another --run "
+                            f"(default: {self.phase}-{self.tag}), or continue that training with --resume --tag "
+                            f"{owner.get('tag') if owner else 'TAG'}")
+        if owner != me:
+            home.atomic_write_json(owner_path, me)
+
     def run(self) -> dict[str, Any]:
         tc, info = self.tc, self.info
         meta = self._tokens_meta()
@@ -212,7 +247,7 @@ class _Trainer:
         tc, info, model, opt = self.tc, self.info, self.model, self.optimizer
         batches = iter(self.loader)
         tokens_per_step = tc.total_batch_tokens
-        last: dict[str, Any] = {"loss": None, "val_bpb": (resume_meta or {}).get("val_bpb"),
+        last: dict[str, Any] = {"loss": (resume_meta or {}).get("loss"), "val_bpb": (resume_meta or {}).get("val_bpb"),
                                 "tokens_per_second": None, "mfu": None}
         writers = _Writers(self.run_dir, tc, info.is_main)
         bar = progress.bar(total=self.max_steps, initial=start_step, desc=f"train {self.tag}", unit="step")
@@ -287,7 +322,8 @@ class _Trainer:
                 "tokens_per_second": last["tokens_per_second"], "mfu": last["mfu"],
                 "checkpoint": str(ckpt_path) if ckpt_path else None, "checkpoint_dir": str(self.ckpt_dir),
                 "metrics": str(self.run_dir / "metrics.jsonl"), "run_dir": str(self.run_dir),
-                "interrupted": interrupted, "num_params": self.raw.config.num_params(), "rank": info.rank}
+                "interrupted": interrupted, "num_params": self.raw.config.num_params(), "rank": info.rank,
+                "already_complete": start_step >= self.max_steps}
 
     def _evaluate(self) -> float:
         from nanoforge.eval.bpb import evaluate_bpb
