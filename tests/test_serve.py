@@ -155,6 +155,8 @@ def test_tokenize_and_detokenize_agree_with_the_tokenizer(server, models):
     assert sum(p["bytes"] for p in body["pieces"]) == len(text.encode())
     status, back = http("POST", url + "/detokenize", {"tokens": body["tokens"], "tokenizer": "tok"})
     assert status == 200 and back["content"] == text
+    status, err = http("POST", url + "/tokenize", {"content": "x", "tokenizer": "../../etc"})
+    assert status == 400 and err["error"]["param"] == "tokenizer"
     status, names = http("GET", url + "/tokenizers")
     assert {"name": "tok", "model": "base/tiny"} in names["data"] or names["data"][0]["name"] == "tok"
 

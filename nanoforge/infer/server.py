@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import re
 import secrets
 import socket
 import threading
@@ -31,13 +30,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from nanoforge import home as home_mod
 from nanoforge.errors import UserError
 from nanoforge.infer import protocol as P
 from nanoforge.infer.models import ModelLoading, ModelPool, UnknownModel
 from nanoforge.infer.scheduler import QueueFull
 
 UI_DIR = Path(__file__).parent / "ui"
-_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 @dataclass
@@ -333,9 +332,10 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, limits: ServeLimi
         from nanoforge.tokenizer import Tokenizer
 
         if name:
-            if not _NAME.match(name):
-                raise P.APIError(400, f"tokenizer name {name!r} is not a plain name", param="tokenizer",
-                                 code="invalid_value")
+            try:
+                home_mod.check_name(name, "tokenizer")
+            except UserError as e:
+                raise P.APIError(400, str(e), param="tokenizer", code="invalid_value") from None
             for mid in pool.models:
                 if pool.models[mid].info.get("tokenizer") == name:
                     return name, pool.tokenizer(mid)
@@ -356,8 +356,6 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, limits: ServeLimi
     @app.get("/tokenizers")
     async def tokenizers(request: Request) -> dict[str, Any]:
         check_key(request)
-        from nanoforge import home as home_mod
-
         names = {m.info.get("tokenizer"): m.id for m in pool.models.values() if m.info.get("tokenizer")}
         root = home_mod.home() / "tokenizers"
         for p in sorted(root.glob("*/nanoforge.json")) if root.is_dir() else []:
