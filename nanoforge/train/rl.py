@@ -1,0 +1,252 @@
+"""Reinforcement learning on verifiable rewards (GRPO-style policy gradient with a group baseline).
+
+    nanoforge train rl --from checkpoints/sft/demo --data arithmetic --tag demo
+
+Each step samples `rl.group_size` completions for each of `rl.prompts_per_step` prompts per process through
+the engine (tool calls run; their forced output tokens get mask 0 and no gradient), rewards each by a
+verifiable check (the extracted `#### n` answer equals the reference; optionally a small format reward),
+and minimises
+
+    loss = Σ_i Σ_t  A_i · (−log π(a_it)) · m_it  /  Σ m      A_i = r_i − mean(r of i's group) [/ std]
+
+where the denominator counts the sampled tokens of the whole step, across micro-batches and processes, so
+accumulation and DDP do not change the gradient. Written with nats = −log π this is the weighted
+cross-entropy the training loop already computes, with the advantage as the token weight. An optional
+KL penalty to the starting model (`rl.kl_coef`, the k3 estimator) keeps the policy near it.
+Groups whose rewards are all equal carry no signal: their advantages are exactly 0.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nanoforge.errors import UserError
+
+
+# --- the loss --------------------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, *, normalize_std: bool = False, eps: float = 1e-6) -> torch.Tensor:
+    """Advantages for rewards shaped [groups, group_size]: reward − the group's mean, divided by the group's
+    standard deviation (+eps) when `normalize_std`. A group of equal rewards gives exactly zeros."""
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [groups, group_size], got shape {tuple(rewards.shape)}")
+    rewards = rewards.float()
+    adv = rewards - rewards.mean(dim=1, keepdim=True)
+    if normalize_std and rewards.shape[1] > 1:
+        adv = adv / (rewards.std(dim=1, keepdim=True) + eps)
+    return adv
+
+
+def policy_gradient_loss(nats: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+                         num_tokens: float | torch.Tensor, *, ref_nats: torch.Tensor | None = None,
+                         kl_coef: float = 0.0) -> torch.Tensor:
+    """The step's policy-gradient loss contributed by one micro-batch.
+
+    nats [B, T]: −log π of each target token; mask [B, T]: 1 on sampled tokens (0 on prompts, padding and
+    forced tool output); advantages [B]: one per sequence; num_tokens: the sampled tokens of the *whole*
+    step (all micro-batches and processes), so summing the micro-batches' losses gives the step's mean.
+    ref_nats [B, T] (the starting model's, no grad) with kl_coef > 0 adds kl_coef × the k3 estimate of
+    KL(π ‖ π_ref) per sampled token, normalised the same way."""
+    m = mask.to(nats.dtype)
+    loss = (advantages.to(nats.dtype).unsqueeze(1) * nats * m).sum()
+    if kl_coef and ref_nats is not None:
+        log_ratio = nats - ref_nats.detach()  # log π_ref − log π
+        kl = torch.exp(log_ratio) - log_ratio - 1
+        loss = loss + kl_coef * (kl * m).sum()
+    return loss / num_tokens
+
+
+def token_nats(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+    """−log π(target) per position [B, T] (0 where mask is 0), through the model's forward so DDP hooks run."""
+    nats, _scored = model(inputs, targets, mask.bool(), reduction="none")
+    return nats
+
+
+# --- rewards ---------------------------------------------------------------------------------------------
+def normalize_answer(s: str | None) -> str | None:
+    """'1,234' -> '1234', '12.0' -> '12', '-3.50' -> '-3.5', ' 7 ' -> '7'; None stays None."""
+    if s is None:
+        return None
+    t = s.strip().replace(",", "").rstrip(".")
+    try:
+        value = float(t)
+    except ValueError:
+        return t
+    if math.isfinite(value) and value == int(value):
+        return str(int(value))
+    return repr(value) if math.isfinite(value) else t
+
+
+def extract_answer(text: str) -> str | None:
+    """The `#### n` answer of a completion (the chat data's extraction), normalised."""
+    from nanoforge.data.chat import gsm8k_answer
+
+    return normalize_answer(gsm8k_answer(text))
+
+
+def answer_reward(text: str, answer: str, *, format_weight: float = 0.0) -> float:
+    """1.0 when the completion's extracted `#### n` equals `answer` (numbers compared normalised), else 0;
+    with `format_weight` > 0, a wrong answer that still has the `#### n` form earns `format_weight`."""
+    got = extract_answer(text)
+    if got is not None and got == normalize_answer(answer):
+        return 1.0
+    return format_weight if (got is not None and format_weight > 0) else 0.0
+
+
+# --- data --------------------------------------------------------------------------------------------------
+@dataclass
+class Problem:
+    """A prompt to complete (rendered ids, ending with <|assistant_start|>) and its checkable answer."""
+
+    prompt_ids: list[int]
+    answer: str
+    source: str  # file:line, for error messages and reports
+    question: str = ""
+
+
+def problems_from_conversations(conversations: Sequence[Any], tokenizer: Any, *, where: str) -> list[Problem]:
+    """Problems from chat conversations whose last assistant turn ends in a `#### n` answer (GSM8K shape, the
+    synthetic arithmetic data). Refuses data where no conversation has an answer to check."""
+    problems = []
+    for conv in conversations:
+        messages = conv["messages"] if isinstance(conv, dict) else getattr(conv, "messages", conv)
+        source = str(getattr(conv, "source", "") or (conv.get("source", "") if isinstance(conv, dict) else ""))
+        if not messages or messages[-1].get("role") != "assistant":
+            continue
+        answer = normalize_answer(_gsm8k(_content_text(messages[-1].get("content"))))
+        if answer is None:
+            continue
+        prompt_ids = tokenizer.render_for_completion({"messages": list(messages)})
+        question = next((_content_text(m.get("content")) for m in messages if m.get("role") == "user"), "")
+        problems.append(Problem(list(prompt_ids), answer, source or where, question))
+    if not problems:
+        raise UserError(f"RL data {where}: no conversation ends with an assistant answer of the form "
+                        f"'#### <number>' to check rewards against (GSM8K-shaped data or the arithmetic set)")
+    return problems
+
+
+def _gsm8k(text: str) -> str | None:
+    from nanoforge.data.chat import gsm8k_answer
+
+    return gsm8k_answer(text)
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+class PromptSampler:
+    """Deterministic prompt order: a fresh seeded shuffle per epoch; process r of w takes every w-th prompt
+    of the shuffled list (disjoint across ranks). State = (epoch, position), so resume continues exactly."""
+
+    def __init__(self, n: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if n < world_size:
+            raise UserError(f"RL data has {n} prompts for {world_size} processes: each process needs at least one")
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world_size
+        self.epoch, self.pos = 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order[self.rank::self.world][: self.n // self.world]  # equal shares: ranks step together
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._shuffle()
+            out.append(self._order[self.pos])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._shuffle()
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The sampling seed of one step on one process: a function of (seed, step, rank), so a resumed run
+    draws exactly the completions the uninterrupted one would have."""
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**31 - 1)
+
+
+# --- rollouts ----------------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    """One sampled completion of a problem: ids (sampled and forced), mask (1 sampled), reward."""
+
+    problem: int
+    ids: list[int]
+    mask: list[int]
+    reward: float
+    text: str
+    finish_reason: str
+
+
+def sample_rollouts(engine: Any, problems: Sequence[Problem], indices: Sequence[int], params: Any,
+                    group_size: int, *, format_weight: float = 0.0,
+                    reward_fn: Callable[[str, str], float] | None = None) -> list[Rollout]:
+    """`group_size` completions per problem (grouped, in `indices` order), rewarded."""
+    prompts = [problems[i].prompt_ids for i in indices]
+    completions = engine.generate(prompts, params, n=group_size)
+    out = []
+    for j, c in enumerate(completions):
+        idx = indices[j // group_size]
+        text = c.text
+        r = (reward_fn(text, problems[idx].answer) if reward_fn is not None
+             else answer_reward(text, problems[idx].answer, format_weight=format_weight))
+        out.append(Rollout(idx, list(c.ids), list(c.mask), float(r), text, c.finish_reason))
+    return out
+
+
+def rollout_batches(rollouts: Sequence[Rollout], problems: Sequence[Problem], advantages: Sequence[float],
+                    batch_size: int, device: torch.device | str = "cpu", pad_id: int = 0
+                    ) -> list[dict[str, torch.Tensor]]:
+    """Micro-batches {inputs, targets, mask, advantages} of prompt + completion sequences: targets are the
+    sequence shifted by one; mask is 1 exactly at targets that were sampled (never the prompt, padding or
+    forced tool output). Rollouts without a sampled token are left out."""
+    rows = []
+    for ro, adv in zip(rollouts, advantages):
+        if not any(ro.mask):
+            continue
+        prompt = problems[ro.problem].prompt_ids
+        seq = list(prompt) + list(ro.ids)
+        m = [0] * len(prompt) + [int(x) for x in ro.mask]
+        rows.append((seq[:-1], seq[1:], m[1:], float(adv)))
+    batches = []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        T = max(len(r[0]) for r in chunk)
+        inputs = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        targets = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.bool)
+        for b, (x, y, m, _a) in enumerate(chunk):
+            inputs[b, :len(x)] = torch.tensor(x)
+            targets[b, :len(y)] = torch.tensor(y)
+            mask[b, :len(m)] = torch.tensor(m, dtype=torch.bool)
+        adv = torch.tensor([r[3] for r in chunk], dtype=torch.float32)
+        batches.append({k: v.to(device) for k, v in
+                        {"inputs": inputs, "targets": targets, "mask": mask, "advantages": adv}.items()})
+    return batches
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate from n samples of which c are correct (Chen et al. 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
