@@ -93,13 +93,48 @@ class EvalSection:
     max_new_tokens: int = 32
 
 
+@dataclass
+class RLSection:
+    """`train rl`: on-policy policy gradient with a group baseline (nanoforge/train/rl.py)."""
+
+    data: str = ""                 # chat data with `#### n` answers; "" = the default chat data's arithmetic
+    max_steps: int = 30
+    prompts_per_step: int = 4      # per process
+    group_size: int = 8            # completions sampled per prompt
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0                 # 0 = the whole vocabulary
+    lr: float = 3e-4               # every parameter group's AdamW/Muon lr is scaled to this (see rl.py)
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    min_lr_frac: float = 0.0
+    grad_clip: float = 1.0
+    kl_coef: float = 0.0           # > 0: k3 KL penalty to the starting model
+    normalize_std: bool = False    # advantages divided by the group's standard deviation
+    format_reward: float = 0.0     # reward for a wrong answer that still has the `#### n` form
+    device_batch_size: int = 16    # sequences per micro-batch
+    eval_every: int = 10           # pass@1 / pass@k on held-out prompts; 0: only at the end
+    eval_prompts: int = 64
+    eval_samples: int = 4          # k of pass@k (samples per held-out prompt)
+    save_every: int = 0
+    seed: int = 1337
+
+
+@dataclass
+class SpeedrunSection:
+    until: str = "rl"              # base | sft | rl: the last training stage of `nanoforge speedrun`
+
+
 SECTIONS: dict[str, type] = {"model": ModelSection, "train": TrainSection, "data": DataSection,
-                             "tokenizer": TokenizerSection, "eval": EvalSection}
+                             "tokenizer": TokenizerSection, "eval": EvalSection, "rl": RLSection,
+                             "speedrun": SpeedrunSection}
 CHOICES = {("train", "optimizer"): ("adamw", "muon"),
            ("train", "schedule"): ("cosine", "linear", "wsd", "constant"),
            ("train", "dtype"): ("auto", "float32", "bfloat16"),
            ("train", "compile"): ("auto", "true", "false"),
            ("train", "parallel"): ("ddp", "fsdp"),
+           ("rl", "schedule"): ("cosine", "linear", "wsd", "constant"),
+           ("speedrun", "until"): ("base", "sft", "rl"),
            ("data", "layout"): ("packed", "bos_aligned", "unpacked"),
            ("tokenizer", "backend"): ("rustbpe", "neox", "python")}
 _DEPTH_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
@@ -112,6 +147,8 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    rl: RLSection = field(default_factory=RLSection)
+    speedrun: SpeedrunSection = field(default_factory=SpeedrunSection)
     preset: str = ""
 
     def model_config(self) -> ModelConfig:
@@ -205,6 +242,13 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.lr must be positive, got {t.lr}")
     if t.warmup_steps < 0:
         raise UserError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    r = cfg.rl
+    for key in ("max_steps", "prompts_per_step", "group_size", "max_new_tokens", "device_batch_size",
+                "eval_prompts", "eval_samples"):
+        if getattr(r, key) <= 0:
+            raise UserError(f"rl.{key} must be positive, got {getattr(r, key)}")
+    if r.lr <= 0 or r.temperature < 0 or r.kl_coef < 0:
+        raise UserError("rl.lr must be positive and rl.temperature, rl.kl_coef >= 0")
     cfg.model_config()  # ModelConfig validates the shape
 
 
