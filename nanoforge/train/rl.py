@@ -250,3 +250,116 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+# --- the RL stage of the training loop ---------------------------------------------------------------------
+class RLStage:
+    """What the training loop asks of the RL phase, per optimizer step: sample the step's rollouts
+    (`prepare`), give the micro-batches and the number of sampled tokens of the whole step (all ranks), and
+    the loss of one micro-batch. Also: held-out pass@1 / pass@k (`evaluate`), per-step metrics, and the
+    state a checkpoint needs (prompt position; the sampling seed is a function of the step)."""
+
+    def __init__(self, rc: Any, *, raw: torch.nn.Module, tokenizer: Any, problems: list[Problem],
+                 held_out: list[Problem], info: Any, device: torch.device,
+                 ref: torch.nn.Module | None = None) -> None:
+        from nanoforge.infer.engine import Engine
+
+        self.rc, self.raw, self.tokenizer, self.info, self.device = rc, raw, tokenizer, info, device
+        self.problems, self.held_out, self.ref = problems, held_out, ref
+        self.engine = Engine(raw, tokenizer)
+        self.sampler = PromptSampler(len(problems), seed=rc.seed, rank=info.rank, world_size=info.world_size)
+        self.pad_id = tokenizer.special_id("<|assistant_end|>")
+        self.last: dict[str, Any] = {}
+
+    def _params(self, seed: int, temperature: float | None = None) -> Any:
+        from nanoforge.infer.engine import SamplingParams
+
+        rc = self.rc
+        return SamplingParams(temperature=rc.temperature if temperature is None else temperature,
+                              top_k=rc.top_k or None, seed=seed, max_tokens=rc.max_new_tokens)
+
+    @torch.no_grad()
+    def _generate(self, indices: Sequence[int], problems: Sequence[Problem], params: Any, n: int) -> list[Rollout]:
+        was = self.raw.training
+        self.raw.eval()
+        try:
+            return sample_rollouts(self.engine, problems, indices, params, n, format_weight=self.rc.format_reward)
+        finally:
+            self.raw.train(was)
+
+    def prepare(self, step: int) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+        """Sample step `step`'s rollouts; returns (micro-batches, sampled tokens of the step on all ranks)."""
+        import time
+
+        rc = self.rc
+        t0 = time.perf_counter()
+        indices = self.sampler.take(rc.prompts_per_step)
+        rollouts = self._generate(indices, self.problems, self._params(step_seed(rc.seed, step, self.info.rank)),
+                                  rc.group_size)
+        rewards = torch.tensor([r.reward for r in rollouts]).view(len(indices), rc.group_size)
+        adv = group_advantages(rewards, normalize_std=rc.normalize_std)
+        batches = rollout_batches(rollouts, self.problems, adv.flatten().tolist(), rc.device_batch_size,
+                                  self.device, pad_id=self.pad_id)
+        sampled = [sum(r.mask) for r in rollouts]
+        local = torch.tensor([float(sum(sampled)), rewards.sum().item(), float(rewards.numel()),
+                              float((rewards.max(1).values == rewards.min(1).values).sum()), float(len(indices)),
+                              float(sum(len(r.ids) for r in rollouts)),
+                              float(sum(r.finish_reason == "stop" for r in rollouts))], dtype=torch.float64)
+        total = _all_sum(local, self.info, self.device)
+        n = max(total[2].item(), 1.0)
+        self.last = {"reward_mean": round(total[1].item() / n, 6),
+                     "zero_variance_frac": round(total[3].item() / max(total[4].item(), 1.0), 6),
+                     "sampled_tokens": int(total[0].item()),
+                     "completion_len": round(total[5].item() / n, 3),
+                     "stop_frac": round(total[6].item() / n, 6),
+                     "rollout_time": round(time.perf_counter() - t0, 4)}
+        return batches, torch.tensor(max(total[0].item(), 1.0), device=self.device)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], num_tokens: torch.Tensor,
+             autocast: Any = None) -> torch.Tensor:
+        """This micro-batch's share of the step's loss. Under DDP the gradients are averaged over ranks, so
+        each rank scales by the world size: the average is then the global sum / the global token count."""
+        dtype = autocast
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            nats = token_nats(model, batch["inputs"], batch["targets"], batch["mask"])
+            ref_nats = None
+            if self.ref is not None and self.rc.kl_coef > 0:
+                with torch.no_grad():
+                    ref_nats = token_nats(self.ref, batch["inputs"], batch["targets"], batch["mask"])
+        return policy_gradient_loss(nats, batch["mask"], batch["advantages"], num_tokens / self.info.world_size,
+                                    ref_nats=ref_nats, kl_coef=self.rc.kl_coef)
+
+    def evaluate(self) -> dict[str, float]:
+        """pass@1 and pass@k on the held-out problems (split across ranks), k = rl.eval_samples samples each
+        at rl.temperature with a fixed seed, and the standard error of pass@1 over problems."""
+        rc, info = self.rc, self.info
+        k = rc.eval_samples
+        mine = list(range(len(self.held_out)))[info.rank::info.world_size]
+        correct: list[int] = []
+        if mine:
+            rollouts = self._generate(mine, self.held_out, self._params(rc.seed + 17 + info.rank), k)
+            correct = [sum(r.reward >= 1.0 for r in rollouts[i * k:(i + 1) * k]) for i in range(len(mine))]
+        local = torch.tensor([sum(c / k for c in correct), sum((c / k) ** 2 for c in correct),
+                              sum(pass_at_k(k, c, k) for c in correct), float(len(correct))], dtype=torch.float64)
+        s1, s2, sk, n = _all_sum(local, info, self.device).tolist()
+        n = max(n, 1.0)
+        mean = s1 / n
+        var = max(s2 / n - mean * mean, 0.0) * n / max(n - 1, 1.0)
+        return {"pass@1": round(mean, 6), f"pass@{k}": round(sk / n, 6),
+                "pass@1_stderr": round(math.sqrt(var / n), 6), "eval_problems": int(n)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+
+def _all_sum(t: torch.Tensor, info: Any, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Sum of `t` over ranks (NCCL needs the tensor on the GPU; the result comes back to the CPU)."""
+    if getattr(info, "enabled", False):
+        import torch.distributed as dist
+
+        t = t.to(device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu()
