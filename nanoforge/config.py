@@ -78,6 +78,17 @@ class DataSection:
 
 
 @dataclass
+class SftSection:
+    """[sft]: mid-training and supervised fine-tuning on conversations (`nanoforge train mid|sft`)."""
+
+    epochs: float = 1.0            # passes over the training conversations when train.max_steps = 0
+    learn: str = "assistant"       # assistant: the rendered mask (assistant turns) | all: every token (mid)
+    buffer_size: int = 100         # conversations the best-fit packer chooses a row's next one from
+    lr_scale: float = 1.0          # multiplies the --from checkpoint's learning rates (train.* set here win)
+    val_conversations: int = 200   # held out of --data when neither --val nor a val/ split is given
+
+
+@dataclass
 class TokenizerSection:
     backend: str = "rustbpe"
     vocab_size: int = 4096
@@ -95,29 +106,22 @@ class EvalSection:
 
 @dataclass
 class RLSection:
-    """`train rl`: on-policy policy gradient with a group baseline (nanoforge/train/rl.py)."""
+    """[rl]: `nanoforge train rl`, policy gradient with a group baseline (nanoforge/train/rl.py). The
+    optimizer, schedule, clipping, batch and evaluation cadence are train.* (presets/phases/rl.toml)."""
 
     data: str = ""                 # chat data with `#### n` answers; "" = the default chat data's arithmetic
-    max_steps: int = 30
+    max_steps: int = 30            # when train.max_steps = 0
     prompts_per_step: int = 4      # per process
     group_size: int = 8            # completions sampled per prompt
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_k: int = 0                 # 0 = the whole vocabulary
-    lr: float = 3e-4               # every parameter group's AdamW/Muon lr is scaled to this (see rl.py)
-    schedule: str = "linear"
-    warmup_steps: int = 0
-    min_lr_frac: float = 0.0
-    grad_clip: float = 1.0
+    lr_scale: float = 0.1          # multiplies the --from checkpoint's learning rates (train.* set here win)
     kl_coef: float = 0.0           # > 0: k3 KL penalty to the starting model
     normalize_std: bool = False    # advantages divided by the group's standard deviation
     format_reward: float = 0.0     # reward for a wrong answer that still has the `#### n` form
-    device_batch_size: int = 16    # sequences per micro-batch
-    eval_every: int = 10           # pass@1 / pass@k on held-out prompts; 0: only at the end
-    eval_prompts: int = 64
+    eval_prompts: int = 64         # held-out prompts for pass@1 / pass@k (every train.eval_every steps)
     eval_samples: int = 4          # k of pass@k (samples per held-out prompt)
-    save_every: int = 0
-    seed: int = 1337
 
 
 @dataclass
@@ -126,16 +130,16 @@ class SpeedrunSection:
 
 
 SECTIONS: dict[str, type] = {"model": ModelSection, "train": TrainSection, "data": DataSection,
-                             "tokenizer": TokenizerSection, "eval": EvalSection, "rl": RLSection,
-                             "speedrun": SpeedrunSection}
+                             "tokenizer": TokenizerSection, "eval": EvalSection, "sft": SftSection,
+                             "rl": RLSection, "speedrun": SpeedrunSection}
 CHOICES = {("train", "optimizer"): ("adamw", "muon"),
            ("train", "schedule"): ("cosine", "linear", "wsd", "constant"),
            ("train", "dtype"): ("auto", "float32", "bfloat16"),
            ("train", "compile"): ("auto", "true", "false"),
            ("train", "parallel"): ("ddp", "fsdp"),
-           ("rl", "schedule"): ("cosine", "linear", "wsd", "constant"),
            ("speedrun", "until"): ("base", "sft", "rl"),
            ("data", "layout"): ("packed", "bos_aligned", "unpacked"),
+           ("sft", "learn"): ("assistant", "all"),
            ("tokenizer", "backend"): ("rustbpe", "neox", "python")}
 _DEPTH_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
 
@@ -147,6 +151,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    sft: SftSection = field(default_factory=SftSection)
     rl: RLSection = field(default_factory=RLSection)
     speedrun: SpeedrunSection = field(default_factory=SpeedrunSection)
     preset: str = ""
@@ -227,6 +232,28 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
     return cfg
 
 
+def apply_layers(cfg: RunConfig, layers: list[tuple[str | Path, str]] = (),
+                 overrides: list[str] | tuple[str, ...] = ()) -> set[tuple[str, str]]:
+    """Apply TOML files [(path, what)] and then `section.key=value` overrides onto `cfg` in place (no depth
+    derivation, not validated); returns the (section, key) pairs they set. The chat stages start from a
+    base checkpoint's resolved config and put their phase defaults and the user's settings on top."""
+    touched: set[tuple[str, str]] = set()
+    for path, where in layers:
+        for section, values in _read_toml(Path(path)).items():
+            if section == "preset":
+                continue
+            if section not in SECTIONS or not isinstance(values, dict):
+                raise UserError(f"{where}: unknown section '{section}'; valid sections: {', '.join(SECTIONS)}")
+            for key, value in values.items():
+                _set(cfg, section, key, value, where)
+                touched.add((section, key))
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        _set(cfg, section, key, value, f"--set {item}")
+        touched.add((section, key))
+    return touched
+
+
 def validate(cfg: RunConfig) -> None:
     for (section, key), choices in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
@@ -242,13 +269,17 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.lr must be positive, got {t.lr}")
     if t.warmup_steps < 0:
         raise UserError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    if cfg.sft.epochs <= 0 or cfg.sft.buffer_size < 1 or cfg.sft.lr_scale <= 0 or cfg.sft.val_conversations < 0:
+        raise UserError(f"sft.epochs and sft.lr_scale must be positive, sft.buffer_size >= 1 and "
+                        f"sft.val_conversations >= 0; got {cfg.sft.epochs}, {cfg.sft.lr_scale}, "
+                        f"{cfg.sft.buffer_size}, {cfg.sft.val_conversations}")
     r = cfg.rl
-    for key in ("max_steps", "prompts_per_step", "group_size", "max_new_tokens", "device_batch_size",
-                "eval_prompts", "eval_samples"):
+    for key in ("max_steps", "prompts_per_step", "group_size", "max_new_tokens", "eval_prompts", "eval_samples"):
         if getattr(r, key) <= 0:
             raise UserError(f"rl.{key} must be positive, got {getattr(r, key)}")
-    if r.lr <= 0 or r.temperature < 0 or r.kl_coef < 0:
-        raise UserError("rl.lr must be positive and rl.temperature, rl.kl_coef >= 0")
+    if r.lr_scale <= 0 or r.temperature < 0 or r.kl_coef < 0 or r.format_reward < 0:
+        raise UserError(f"rl.lr_scale must be positive and rl.temperature, rl.kl_coef, rl.format_reward >= 0; got "
+                        f"{r.lr_scale}, {r.temperature}, {r.kl_coef}, {r.format_reward}")
     cfg.model_config()  # ModelConfig validates the shape
 
 
