@@ -219,11 +219,10 @@ def rollout_batches(rollouts: Sequence[Rollout], problems: Sequence[Problem], ad
                     ) -> list[dict[str, torch.Tensor]]:
     """Micro-batches {inputs, targets, mask, advantages} of prompt + completion sequences: targets are the
     sequence shifted by one; mask is 1 exactly at targets that were sampled (never the prompt, padding or
-    forced tool output). Rollouts without a sampled token are left out."""
+    forced tool output). Every rollout gets a row (one without a sampled token adds nothing to the loss), so
+    every process has the same number of micro-batches."""
     rows = []
     for ro, adv in zip(rollouts, advantages):
-        if not any(ro.mask):
-            continue
         prompt = problems[ro.problem].prompt_ids
         seq = list(prompt) + list(ro.ids)
         m = [0] * len(prompt) + [int(x) for x in ro.mask]
@@ -252,24 +251,161 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
-# --- the RL stage of the training loop ---------------------------------------------------------------------
-class RLStage:
-    """What the training loop asks of the RL phase, per optimizer step: sample the step's rollouts
-    (`prepare`), give the micro-batches and the number of sampled tokens of the whole step (all ranks), and
-    the loss of one micro-batch. Also: held-out pass@1 / pass@k (`evaluate`), per-step metrics, and the
-    state a checkpoint needs (prompt position; the sampling seed is a function of the step)."""
+# --- the RL data source of the training loop --------------------------------------------------------------
+ASSISTANT_END = "<|assistant_end|>"
 
-    def __init__(self, rc: Any, *, raw: torch.nn.Module, tokenizer: Any, problems: list[Problem],
-                 held_out: list[Problem], info: Any, device: torch.device,
-                 ref: torch.nn.Module | None = None) -> None:
-        from nanoforge.infer.engine import Engine
 
-        self.rc, self.raw, self.tokenizer, self.info, self.device = rc, raw, tokenizer, info, device
-        self.problems, self.held_out, self.ref = problems, held_out, ref
-        self.engine = Engine(raw, tokenizer)
-        self.sampler = PromptSampler(len(problems), seed=rc.seed, rank=info.rank, world_size=info.world_size)
-        self.pad_id = tokenizer.special_id("<|assistant_end|>")
+class RLPrompts:
+    """The loop's "loader" for RL: the prompt sampler, whose state goes into checkpoints."""
+
+    def __init__(self, sampler: PromptSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> RLPrompts:
+        return self
+
+    def __next__(self) -> Any:
+        raise TypeError("RL micro-batches come from RLData.step_batches, not from iterating the loader")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class RLData:
+    """RL for the training loop (the data-source interface of train/loop.py's TokenData, plus
+    `step_batches`, `micro_loss` and `step_metrics`): each step samples its rollouts through the engine,
+    then the loop accumulates `micro_loss` over the micro-batches and steps the optimizer.
+    `evaluate` gives pass@1 / pass@k on the held-out prompts."""
+
+    kind = "RL prompts"
+
+    def __init__(self, tokenizer: Any, problems: list[Problem], held_out: list[Problem], *, rl: Any,
+                 base: tuple[Any, int, dict[str, Any]], data: str, held_out_source: str) -> None:
+        self.tokenizer, self.problems, self.held_out, self.rc = tokenizer, problems, held_out, rl
+        self.base_folder, self.base_step, self.base_meta = base
+        self.data, self.held_out_source = data, held_out_source
+        self.start_scores: dict[str, Any] = {}
         self.last: dict[str, Any] = {}
+        self.ref: torch.nn.Module | None = None
+        self._engine: Any = None
+        self._engine_model: Any = None
+        self.seed = 0
+        self.pad_id = tokenizer.special_id(ASSISTANT_END)
+
+    # --- the data-source interface -----------------------------------------------------------------
+    def prepare(self, cfg: Any) -> None:
+        self.seed, self._batch_size = cfg.train.seed, cfg.train.device_batch_size
+
+    def describe(self) -> str:
+        return f"RL data {self.data}"
+
+    def init_weights(self, model: torch.nn.Module) -> None:
+        from nanoforge import checkpoint as ckpt
+
+        ckpt.load_weights(model, ckpt.load_state_dict(self.base_folder, self.base_step),
+                          where=f"{self.base_folder} step {self.base_step}")
+
+    def default_steps(self, cfg: Any, world_size: int) -> int:
+        return self.rc.max_steps
+
+    def loader(self, cfg: Any, info: Any, device: torch.device) -> RLPrompts:
+        if info.enabled and cfg.train.parallel == "fsdp":
+            raise UserError("train rl samples with the whole model on every process: use train.parallel=ddp")
+        self.info, self.device = info, device
+        if self.rc.kl_coef > 0:
+            from nanoforge import checkpoint as ckpt
+
+            self.ref, _ = ckpt.load_model(self.base_folder, device=device, step=self.base_step)
+            self.ref.requires_grad_(False)
+        return RLPrompts(PromptSampler(len(self.problems), seed=cfg.train.seed, rank=info.rank,
+                                       world_size=info.world_size))
+
+    def evaluate(self, model: torch.nn.Module, cfg: Any, info: Any, device: torch.device,
+                 autocast: Any) -> dict[str, float]:
+        """pass@1 and pass@k on the held-out problems (split across ranks), k = rl.eval_samples samples each
+        at rl.temperature with a fixed seed, and the standard error of pass@1 over problems."""
+        from nanoforge import dist as D
+
+        rc = self.rc
+        k = rc.eval_samples
+        mine = list(range(len(self.held_out)))[info.rank::info.world_size]
+        correct: list[int] = []
+        if mine:
+            rollouts = self._generate(D.unwrap(model), mine, self.held_out,
+                                      self._params(self.seed + 17 + info.rank), k)
+            correct = [sum(r.reward >= 1.0 for r in rollouts[i * k:(i + 1) * k]) for i in range(len(mine))]
+        local = torch.tensor([sum(c / k for c in correct), sum((c / k) ** 2 for c in correct),
+                              sum(pass_at_k(k, c, k) for c in correct), float(len(correct))], dtype=torch.float64)
+        s1, s2, sk, n = _all_sum(local, info, device).tolist()
+        n = max(n, 1.0)
+        mean = s1 / n
+        var = max(s2 / n - mean * mean, 0.0) * n / max(n - 1, 1.0)
+        return {"pass@1": round(mean, 6), f"pass@{k}": round(sk / n, 6), "pass@1_stderr": round(math.sqrt(var / n), 6)}
+
+    def sample(self, model: torch.nn.Module, cfg: Any) -> list[dict[str, str]]:
+        """Greedy replies to the first held-out prompts."""
+        rollouts = self._generate(model, list(range(min(3, len(self.held_out)))), self.held_out,
+                                  self._params(0, temperature=0.0), 1)
+        return [{"prompt": self.held_out[r.problem].question, "completion": r.text} for r in rollouts]
+
+    def meta(self) -> dict[str, Any]:
+        return {"from": {"path": str(self.base_folder), "step": self.base_step, "phase": self.base_meta.get("phase")},
+                "data": self.data, "val_data": self.held_out_source, "problems": len(self.problems),
+                "held_out": len(self.held_out), "start_val": self.start_scores}
+
+    # --- the RL step --------------------------------------------------------------------------------
+    def step_batches(self, step: int, loader: RLPrompts, model: torch.nn.Module) -> list[tuple[torch.Tensor, ...]]:
+        """Sample step `step`'s rollouts with the current weights: micro-batches (inputs, targets, mask,
+        advantages) of train.device_batch_size sequences; every rank gets the same number of them."""
+        import time
+
+        from nanoforge import dist as D
+
+        rc, info = self.rc, self.info
+        raw = D.unwrap(model)
+        if step == 0 and not self.start_scores and len(self.held_out):
+            self.start_scores = self.evaluate(model, None, info, self.device, None)  # the SFT model's scores
+        t0 = time.perf_counter()
+        indices = loader.sampler.take(rc.prompts_per_step)
+        rollouts = self._generate(raw, indices, self.problems, self._params(step_seed(self.seed, step, info.rank)),
+                                  rc.group_size)
+        rewards = torch.tensor([r.reward for r in rollouts]).view(len(indices), rc.group_size)
+        adv = group_advantages(rewards, normalize_std=rc.normalize_std)
+        batches = rollout_batches(rollouts, self.problems, adv.flatten().tolist(), self._batch_size,
+                                  self.device, pad_id=self.pad_id)
+        local = torch.tensor([float(sum(sum(r.mask) for r in rollouts)), rewards.sum().item(), float(rewards.numel()),
+                              float((rewards.max(1).values == rewards.min(1).values).sum()), float(len(indices)),
+                              float(sum(len(r.ids) for r in rollouts)),
+                              float(sum(r.finish_reason == "stop" for r in rollouts))], dtype=torch.float64)
+        total = _all_sum(local, info, self.device)
+        n = max(total[2].item(), 1.0)
+        self.last = {"reward_mean": round(total[1].item() / n, 6),
+                     "zero_variance_frac": round(total[3].item() / max(total[4].item(), 1.0), 6),
+                     "sampled_tokens": int(total[0].item()), "completion_len": round(total[5].item() / n, 3),
+                     "stop_frac": round(total[6].item() / n, 6), "rollout_time": round(time.perf_counter() - t0, 4)}
+        if step == 0 and self.start_scores:
+            self.last.update({f"start_{k}": v for k, v in self.start_scores.items()})
+        return [(b["inputs"], b["targets"], b["mask"], b["advantages"]) for b in batches]
+
+    def micro_loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...], scale: float) -> torch.Tensor:
+        """A micro-batch's share of the step's loss; `scale` = processes / sampled tokens of the whole step
+        (DDP averages the gradients over processes, so the average is the global sum / the global count)."""
+        inputs, targets, mask, advantages = batch
+        nats = token_nats(model, inputs, targets, mask)
+        ref_nats = None
+        if self.ref is not None:
+            with torch.no_grad():
+                ref_nats = token_nats(self.ref, inputs, targets, mask)
+        return policy_gradient_loss(nats, mask, advantages, 1.0 / scale, ref_nats=ref_nats, kl_coef=self.rc.kl_coef)
+
+    def step_metrics(self) -> dict[str, Any]:
+        return dict(self.last)
+
+    # --- helpers ------------------------------------------------------------------------------------
+    _batch_size = 16
 
     def _params(self, seed: int, temperature: float | None = None) -> Any:
         from nanoforge.infer.engine import SamplingParams
@@ -279,80 +415,18 @@ class RLStage:
                               top_k=rc.top_k or None, seed=seed, max_tokens=rc.max_new_tokens)
 
     @torch.no_grad()
-    def _generate(self, indices: Sequence[int], problems: Sequence[Problem], params: Any, n: int) -> list[Rollout]:
-        was = self.raw.training
-        self.raw.eval()
+    def _generate(self, raw: torch.nn.Module, indices: Sequence[int], problems: Sequence[Problem], params: Any,
+                  n: int) -> list[Rollout]:
+        from nanoforge.infer.engine import Engine
+
+        if self._engine_model is not raw:
+            self._engine, self._engine_model = Engine(raw, self.tokenizer), raw
+        was = raw.training
+        raw.eval()
         try:
-            return sample_rollouts(self.engine, problems, indices, params, n, format_weight=self.rc.format_reward)
+            return sample_rollouts(self._engine, problems, indices, params, n, format_weight=self.rc.format_reward)
         finally:
-            self.raw.train(was)
-
-    def prepare(self, step: int) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-        """Sample step `step`'s rollouts; returns (micro-batches, sampled tokens of the step on all ranks)."""
-        import time
-
-        rc = self.rc
-        t0 = time.perf_counter()
-        indices = self.sampler.take(rc.prompts_per_step)
-        rollouts = self._generate(indices, self.problems, self._params(step_seed(rc.seed, step, self.info.rank)),
-                                  rc.group_size)
-        rewards = torch.tensor([r.reward for r in rollouts]).view(len(indices), rc.group_size)
-        adv = group_advantages(rewards, normalize_std=rc.normalize_std)
-        batches = rollout_batches(rollouts, self.problems, adv.flatten().tolist(), rc.device_batch_size,
-                                  self.device, pad_id=self.pad_id)
-        sampled = [sum(r.mask) for r in rollouts]
-        local = torch.tensor([float(sum(sampled)), rewards.sum().item(), float(rewards.numel()),
-                              float((rewards.max(1).values == rewards.min(1).values).sum()), float(len(indices)),
-                              float(sum(len(r.ids) for r in rollouts)),
-                              float(sum(r.finish_reason == "stop" for r in rollouts))], dtype=torch.float64)
-        total = _all_sum(local, self.info, self.device)
-        n = max(total[2].item(), 1.0)
-        self.last = {"reward_mean": round(total[1].item() / n, 6),
-                     "zero_variance_frac": round(total[3].item() / max(total[4].item(), 1.0), 6),
-                     "sampled_tokens": int(total[0].item()),
-                     "completion_len": round(total[5].item() / n, 3),
-                     "stop_frac": round(total[6].item() / n, 6),
-                     "rollout_time": round(time.perf_counter() - t0, 4)}
-        return batches, torch.tensor(max(total[0].item(), 1.0), device=self.device)
-
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], num_tokens: torch.Tensor,
-             autocast: Any = None) -> torch.Tensor:
-        """This micro-batch's share of the step's loss. Under DDP the gradients are averaged over ranks, so
-        each rank scales by the world size: the average is then the global sum / the global token count."""
-        dtype = autocast
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            nats = token_nats(model, batch["inputs"], batch["targets"], batch["mask"])
-            ref_nats = None
-            if self.ref is not None and self.rc.kl_coef > 0:
-                with torch.no_grad():
-                    ref_nats = token_nats(self.ref, batch["inputs"], batch["targets"], batch["mask"])
-        return policy_gradient_loss(nats, batch["mask"], batch["advantages"], num_tokens / self.info.world_size,
-                                    ref_nats=ref_nats, kl_coef=self.rc.kl_coef)
-
-    def evaluate(self) -> dict[str, float]:
-        """pass@1 and pass@k on the held-out problems (split across ranks), k = rl.eval_samples samples each
-        at rl.temperature with a fixed seed, and the standard error of pass@1 over problems."""
-        rc, info = self.rc, self.info
-        k = rc.eval_samples
-        mine = list(range(len(self.held_out)))[info.rank::info.world_size]
-        correct: list[int] = []
-        if mine:
-            rollouts = self._generate(mine, self.held_out, self._params(rc.seed + 17 + info.rank), k)
-            correct = [sum(r.reward >= 1.0 for r in rollouts[i * k:(i + 1) * k]) for i in range(len(mine))]
-        local = torch.tensor([sum(c / k for c in correct), sum((c / k) ** 2 for c in correct),
-                              sum(pass_at_k(k, c, k) for c in correct), float(len(correct))], dtype=torch.float64)
-        s1, s2, sk, n = _all_sum(local, info, self.device).tolist()
-        n = max(n, 1.0)
-        mean = s1 / n
-        var = max(s2 / n - mean * mean, 0.0) * n / max(n - 1, 1.0)
-        return {"pass@1": round(mean, 6), f"pass@{k}": round(sk / n, 6),
-                "pass@1_stderr": round(math.sqrt(var / n), 6), "eval_problems": int(n)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state["sampler"])
+            raw.train(was)
 
 
 def _all_sum(t: torch.Tensor, info: Any, device: torch.device | str = "cpu") -> torch.Tensor:
