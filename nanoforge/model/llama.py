@@ -50,7 +50,7 @@ def rope_cache(head_dim: int, seq_len: int, theta: float, device: torch.device |
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos/sin: [T, D]. x·cos + rotate_half(x)·sin with rotate_half = (-x2, x1)."""
+    """x: [B, H, T, D]; cos/sin: [T, D] (or [B, 1, T, D]: a position per row). x·cos + rotate_half(x)·sin with rotate_half = (-x2, x1)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)  # fp32 tables: under autocast q/k come back in bf16
@@ -58,7 +58,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class KVCache:
     """Keys and values of every layer for incremental decoding: k, v [L, B, n_kv_heads, max_len, head_dim].
-    `pos` is the number of positions already filled; the model advances it after the last layer."""
+
+    Two ways to use it. All rows at one length: `pos` is the number of positions already filled and the
+    model advances it after the last layer. Rows at their own lengths (the inference engine, where rows
+    join and leave): `bind(rows, starts, kv_len)` before each forward says which cache rows the batch
+    uses and where each row's new tokens go; `pos` is then left alone and the caller tracks lengths."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
@@ -67,9 +71,21 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
+        self.starts: torch.Tensor | None = None  # per-row mode: [B] position of each row's first new token
+        self.rows = slice(0, batch_size)
+        self.kv_len = 0
+        self.positions: torch.Tensor | None = None  # [B, T], set by the model for the layers
+        self.mask: torch.Tensor | None = None       # [B, 1, T, kv_len]
 
     def reset(self) -> None:
         self.pos = 0
+
+    def bind(self, rows: slice, starts: torch.Tensor, kv_len: int) -> None:
+        """Per-row positions for the next forward: batch row i is cache row `rows.start + i`, its T new
+        tokens go to positions starts[i] .. starts[i] + T - 1, and it attends to keys 0 .. its own position
+        only (later slots hold padding or another turn's stale keys). `kv_len` = max(starts) + T, given
+        by the caller so no device sync is needed; it must not exceed `max_len`."""
+        self.rows, self.starts, self.kv_len = rows, starts, kv_len
 
 
 class Attention(nn.Module):
@@ -89,7 +105,14 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn_mask, is_causal = None, True
-        if cache is not None:
+        if cache is not None and cache.starts is not None:  # rows at their own positions
+            ck, cv = cache.k[layer, cache.rows], cache.v[layer, cache.rows]
+            b = torch.arange(B, device=x.device).unsqueeze(1)
+            ck[b, :, cache.positions] = k.transpose(1, 2)
+            cv[b, :, cache.positions] = v.transpose(1, 2)
+            k, v = ck[:, :, :cache.kv_len], cv[:, :, :cache.kv_len]
+            attn_mask, is_causal = cache.mask, False
+        elif cache is not None:
             p = cache.pos
             cache.k[layer, :B, :, p:p + T] = k
             cache.v[layer, :B, :, p:p + T] = v
@@ -179,11 +202,19 @@ class LLaMA(nn.Module):
         """Final-norm hidden states [B, T, d_model]."""
         B, T = idx.shape
         x = self.tok_embeddings(idx)
-        start = cache.pos if cache is not None else 0
-        cos, sin = self._rope(start, T)
+        if cache is not None and cache.starts is not None:
+            pos = cache.starts.unsqueeze(1) + torch.arange(T, device=idx.device)  # [B, T]
+            self._rope(0, cache.kv_len)
+            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # [B, 1, T, D]
+            cache.positions = pos
+            keys = torch.arange(cache.kv_len, device=idx.device)
+            cache.mask = (keys <= pos.unsqueeze(-1)).unsqueeze(1)
+        else:
+            start = cache.pos if cache is not None else 0
+            cos, sin = self._rope(start, T)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i)
-        if cache is not None:
+        if cache is not None and cache.starts is None:
             cache.pos += T
         return self.norm(x)
 
