@@ -173,3 +173,115 @@ def test_pass_at_k_matches_the_combinatorial_definition() -> None:
 
     for n, c, k in [(8, 0, 1), (8, 3, 1), (8, 3, 4), (5, 5, 2), (10, 1, 10)]:
         assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k))
+
+
+# --- train rl end to end (tiny random model; the reward is made to vary so that the gradient is not 0) --------
+def _arithmetic(n: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        out.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                                 {"role": "assistant", "content": f"{a} + {b} = {a + b}.\n#### {a + b}"}]})
+    return out
+
+
+@pytest.fixture
+def sft_checkpoint(tmp_path):
+    from _eval_helpers import make_checkpoint, make_tokenizer
+
+    from nanoforge import home
+    from nanoforge.checkpoint import load_meta, load_state_dict, save_checkpoint
+
+    base = make_checkpoint(tmp_path, make_tokenizer(tmp_path))
+    folder, step, meta = load_meta(base)
+    meta = {**meta, "phase": "sft", "config": {"train": {"device_batch_size": 4, "seq_len": 64,
+                                                         "total_batch_tokens": 512, "lr": 3e-3}}}
+    out = home.checkpoint_dir("sft", "tiny")
+    save_checkpoint(out, step, load_state_dict(folder, step), None, meta)
+    return base, out
+
+
+FAST_RL = ["rl.max_steps=4", "rl.prompts_per_step=2", "rl.group_size=3", "rl.max_new_tokens=6",
+           "rl.eval_prompts=4", "rl.eval_samples=2", "train.eval_every=2", "rl.lr_scale=30"]
+
+
+def _vary_reward(monkeypatch) -> None:
+    import nanoforge.train.rl as rl
+
+    monkeypatch.setattr(rl, "answer_reward", lambda text, answer, format_weight=0.0: float(len(text) % 3 == 0))
+
+
+def _weights(tag: str) -> dict:
+    from nanoforge import home
+    from nanoforge.checkpoint import checkpoint_steps, load_state_dict
+
+    folder = home.checkpoint_dir("rl", tag)
+    return load_state_dict(folder, checkpoint_steps(folder)[-1])
+
+
+def test_train_rl_interrupted_and_resumed_equals_an_uninterrupted_run(sft_checkpoint, monkeypatch) -> None:
+    import json
+    import os
+    import signal
+
+    import nanoforge.train.rl as rl
+    from nanoforge import home
+
+    _, sft = sft_checkpoint
+    _vary_reward(monkeypatch)
+    data, val = _arithmetic(12, 0), _arithmetic(4, 1)
+    full = rl.train_rl(sft, data, val=val, tag="full", overrides=FAST_RL)
+    assert full["step"] == 4 and not full["interrupted"]
+    assert {"pass@1", "pass@2", "pass@1_stderr", "pass@1_start"} <= set(full)
+
+    real = rl.RLData.step_metrics
+
+    def interrupt_after_step_2(self):
+        if self.last.get("_step", 0) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        self.last["_step"] = self.last.get("_step", 0) + 1
+        return {k: v for k, v in real(self).items() if k != "_step"}
+
+    monkeypatch.setattr(rl.RLData, "step_metrics", interrupt_after_step_2)
+    cut = rl.train_rl(sft, data, val=val, tag="cut", overrides=FAST_RL)
+    assert cut["interrupted"] == signal.SIGINT and cut["step"] == 2
+    monkeypatch.setattr(rl.RLData, "step_metrics", real)
+    resumed = rl.train_rl(sft, data, val=val, tag="cut", overrides=FAST_RL, resume=True)
+    assert resumed["step"] == 4
+
+    a, b = _weights("full"), _weights("cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    start = load_state_dict_of(sft)
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # RL moved the weights
+
+    def rows(tag: str) -> list[dict]:
+        lines = (home.run_dir(f"rl-{tag}") / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if "time" not in k and "per_second" not in k
+                 and k != "mfu"} for line in lines]
+
+    assert rows("full") == rows("cut")
+    assert [r["step"] for r in rows("full")] == [1, 2, 3, 4]
+    assert 0 <= rows("full")[0]["zero_variance_frac"] <= 1 and "reward_mean" in rows("full")[0]
+
+
+def load_state_dict_of(folder):
+    from nanoforge.checkpoint import checkpoint_steps, load_state_dict
+
+    return load_state_dict(folder, checkpoint_steps(folder)[-1])
+
+
+def test_train_rl_refuses_bad_input(sft_checkpoint) -> None:
+    from nanoforge.errors import UserError
+    from nanoforge.train.rl import train_rl
+
+    base, sft = sft_checkpoint
+    with pytest.raises(UserError, match="base checkpoint: RL wants a chat model"):
+        train_rl(base, _arithmetic(4, 0), tag="x", overrides=FAST_RL)
+    no_answers = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    with pytest.raises(UserError, match="no conversation ends with an assistant answer"):
+        train_rl(sft, no_answers, tag="x", overrides=FAST_RL)
+    with pytest.raises(UserError, match="model.d_model cannot be set"):
+        train_rl(sft, _arithmetic(4, 0), tag="x", overrides=["model.d_model=32"])
