@@ -127,6 +127,7 @@ class RLSection:
 @dataclass
 class SpeedrunSection:
     until: str = "rl"              # base | sft | rl: the last training stage of `nanoforge speedrun`
+    chat_data: str = ""            # SFT data of the speedrun; "" = the offline default chat data
 
 
 SECTIONS: dict[str, type] = {"model": ModelSection, "train": TrainSection, "data": DataSection,

@@ -138,11 +138,11 @@ def chat_report(r: dict[str, Any], plots_dir: Path) -> dict[str, Any]:
             (f"pass@{k}", f"RL: held-out pass@{k}", "rl_pass_k.png")] if k > 1 else CHAT_CURVES["rl"]))
         summary.update({"rl_steps": rl.get("step"), "rl_checkpoint": rl.get("checkpoint_dir"),
                         "rl_pass1_before": rl.get("pass@1_start"), "rl_pass1_after": rl.get("pass@1"),
-                        "rl_pass1_stderr_before": rl.get("pass@1_start_stderr"),
+                        "rl_pass1_stderr_before": rl.get("pass@1_stderr_start"),
                         "rl_pass1_stderr_after": rl.get("pass@1_stderr"),
                         "rl_reward_curve": [m["reward_mean"] for m in rl_metrics if _finite(m.get("reward_mean"))]})
         out["headline"].append(["RL: held-out arithmetic pass@1, before → after",
-                                f"{_pm(rl.get('pass@1_start'), rl.get('pass@1_start_stderr'))} → "
+                                f"{_pm(rl.get('pass@1_start'), rl.get('pass@1_stderr_start'))} → "
                                 f"{_pm(rl.get('pass@1'), rl.get('pass@1_stderr'))}"])
     out["md"] += ["## Chat", ""]
     if ce:
@@ -305,6 +305,7 @@ def git_commit() -> str | None:
 def disk_rows(r: dict[str, Any], run_dir: Path) -> list[list[str]]:
     items = [("corpus", r["data"]["corpus"]), ("tokenizer", r["tokenizer"]["path"]),
              ("token shards", r["tokenize"]["tokens"]), ("checkpoints", r["pretrain"].get("checkpoint_dir")),
+             *[(f"{MODEL_NAMES[k]} checkpoints", r[k].get("checkpoint_dir")) for k in ("sft", "rl") if r.get(k)],
              ("Hugging Face export", (r.get("export") or {}).get("export")), ("run folder", str(run_dir))]
     rows = []
     total = 0
