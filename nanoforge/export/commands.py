@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--tokenizer", default=None, help="override the tokenizer named in the checkpoint meta")
     p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the Jinja chat template (default: for mid/sft/rl checkpoints)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_export)
 
@@ -38,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     from nanoforge.export.hf import export_hf
 
-    out = export_hf(args.checkpoint, args.out, dtype=args.dtype, force=args.force, tokenizer=args.tokenizer)
+    out = export_hf(args.checkpoint, args.out, dtype=args.dtype, force=args.force, tokenizer=args.tokenizer,
+                    chat_template=args.chat_template)
     info = json.loads((out / "nanoforge.json").read_text(encoding="utf-8"))
     if args.json:
         print(json.dumps({"export": str(out), "source": info["source"], "step": info["step"], "dtype": args.dtype}))

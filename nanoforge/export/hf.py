@@ -79,12 +79,22 @@ def llama_config(mc: Any, *, bos_id: int | None, eos_id: int | None, dtype: str)
     }
 
 
+CHAT_PHASES = ("mid", "sft", "rl")
+
+
+def is_chat_checkpoint(folder: Path, meta: dict[str, Any]) -> bool:
+    """A mid/sft/rl checkpoint (its meta's phase, else the phase folder it lives in)."""
+    return (meta.get("phase") or folder.parent.name) in CHAT_PHASES
+
+
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *, dtype: str = "float32",
-              force: bool = False, tokenizer: Any = None) -> Path:
+              force: bool = False, tokenizer: Any = None, chat_template: bool | None = None) -> Path:
     """Write a LlamaForCausalLM folder for `checkpoint` into `out` (None: $NANOFORGE_HOME/exports/<tag>),
     atomically: config.json, generation_config.json, model.safetensors, tokenizer files, nanoforge.json.
     Returns the folder. Refuses an existing `out` unless `force`, and a model Llama cannot represent.
-    Vocabulary padding rows (`pad_vocab_to`) are dropped: they are never scored, Llama has vocab_size rows."""
+    Vocabulary padding rows (`pad_vocab_to`) are dropped: they are never scored, Llama has vocab_size rows.
+    `chat_template` (None: for chat checkpoints, see `is_chat_checkpoint`) writes the Jinja chat template
+    (tokenizer/hf.py says what that changes) and makes `<|assistant_end|>` end generation too."""
     from safetensors.torch import save_file
 
     from nanoforge.checkpoint import resolve_checkpoint
@@ -111,16 +121,20 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike | None = Non
         tensors[hf_name(name)] = t.detach().to(_DTYPES[dtype]).contiguous().clone()
     config = llama_config(mc, bos_id=tok.bos_id, eos_id=tok.eos_id, dtype=dtype)
     # No max_length: transformers warns on every generate(max_new_tokens=...) when both are set.
+    chat = is_chat_checkpoint(folder, meta) if chat_template is None else chat_template
     generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id,
                   "do_sample": False}
+    if chat:
+        generation["eos_token_id"] = [tok.special_id("<|assistant_end|>"), tok.eos_id]
     with home_mod.atomic_dir(out, force=force, what="export folder") as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         home_mod.atomic_write_json(tmp / "config.json", config)
         home_mod.atomic_write_json(tmp / "generation_config.json", generation)
-        export_tokenizer(tok, tmp)
+        export_tokenizer(tok, tmp, chat=chat)
         home_mod.atomic_write_json(tmp / "nanoforge.json", {
             "source": str(folder.resolve()), "step": meta.get("step"), "model_config": mc.to_dict(),
-            "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint}, "dtype": dtype})
+            "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint}, "dtype": dtype,
+            "chat_template": chat})
     return out
 
 

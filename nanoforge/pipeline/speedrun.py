@@ -90,7 +90,7 @@ def _toml_value(v: Any) -> str:
 
 def default_run_name(cfg: RunConfig, data: str | None) -> str:
     source = "stdlib" if data is None else Path(data.split(":")[1] if data.startswith("hf:") else data).name
-    return f"speedrun-{cfg.preset or 'custom'}-{source or 'data'}"
+    return home.slug(f"speedrun-{cfg.preset or 'custom'}-{source or 'data'}")
 
 
 def _run_stages(runner: StageRunner, cfg: RunConfig, data: str | None, phase_sets: dict[str, list[str]]
@@ -279,7 +279,8 @@ def _stage_pretrain(cfg: RunConfig, tokens: str, run: str, fp: str, fresh: bool)
     resume = bool(folder.exists() and ckpt.checkpoint_steps(folder))
     if resume:
         progress.log(f"resuming pretraining from {folder}")
-    summary = train(RunConfig.from_dict(cfg.to_dict()), tokens=tokens, tag=tag, run=run, resume=resume)
+    summary = train(RunConfig.from_dict(cfg.to_dict()), tokens=tokens, tag=tag, run=run, resume=resume,
+                    own_run=True)
     if summary.get("interrupted"):
         raise Interrupted(f"pretraining stopped at step {summary['step']} (checkpoint saved in {folder}); "
                           f"run the same command again to continue")

@@ -38,15 +38,21 @@ from nanoforge.config import RunConfig, load_config
 from nanoforge.errors import UserError
 from nanoforge.train.optim import build_optimizer, lr_multiplier, set_lr
 
+RUN_OWNER = "train.json"  # runs/<run>/train.json: {"phase", "tag"} of the training that writes the run
+
 
 def train(config: RunConfig | dict[str, Any] | str, *, tokens: str | None = None, tag: str, run: str | None = None,
-          phase: str = "base", resume: bool = False, data: Any = None) -> dict[str, Any]:
+          phase: str = "base", resume: bool = False, own_run: bool = False, data: Any = None) -> dict[str, Any]:
     """Train per `config` (a RunConfig, its dict, or a preset name) on token shards `tokens` (a name under
     tokens/ or a path), or on `data` (a data source such as sft.ChatData); checkpoints go to
     checkpoints/<phase>/<tag>/. Returns a summary dict: step, loss, val_bpb, tokens_per_second, mfu,
     checkpoint, metrics, run_dir, interrupted, skipped_steps (and the data source's val_* numbers).
-    Refuses (UserError): missing shards, a batch that does not divide into micro-batches, an existing tag
-    without resume, and on resume a different tokenizer, model shape or number of processes."""
+    Holds the locks of the tag and of the run folder while it trains. A run folder belongs to one training:
+    one that another tag wrote metrics to is refused (`own_run=True`: the caller owns it, as a speedrun
+    does its own, and the training's metrics replace the old ones).
+    Refuses (UserError): an invalid tag or run name, a tag or run folder in use by another process,
+    missing shards, a batch that does not divide into micro-batches, an existing tag without resume, and on
+    resume a different tokenizer, model shape or number of processes, or a run that is already complete."""
     if (tokens is None) == (data is None):
         raise UserError("train needs exactly one of tokens= (token shards) or data= (a data source)")
     cfg = _as_config(config)
@@ -57,8 +63,20 @@ def train(config: RunConfig | dict[str, Any] | str, *, tokens: str | None = None
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
     try:
-        return _Trainer(cfg, data=source, tag=tag, run=run, phase=phase, resume=resume, device=device,
-                        info=info).run()
+        trainer = _Trainer(cfg, data=source, tag=tag, run=run, phase=phase, resume=resume, device=device,
+                           info=info, own_run=own_run)
+        with contextlib.ExitStack() as held:
+            error = None
+            if info.is_main:
+                try:
+                    held.enter_context(home.lock(trainer.ckpt_dir, f"checkpoint tag '{tag}'"))
+                    held.enter_context(home.lock(trainer.run_dir, "run folder"))
+                    trainer.check_run_folder()
+                except UserError as e:
+                    error = e
+            if D.any_rank(error is not None, info, device):
+                raise error or UserError(f"rank 0 could not start the training of tag '{tag}' (see its message)")
+            return trainer.run()
     finally:
         D.teardown(info)
 
@@ -223,15 +241,32 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: list[tuple[torch
 
 class _Trainer:
     def __init__(self, cfg: RunConfig, *, data: Any, tag: str, run: str | None, phase: str, resume: bool,
-                 device: torch.device, info: D.DistInfo) -> None:
+                 device: torch.device, info: D.DistInfo, own_run: bool = False) -> None:
         self.cfg, self.tc, self.info, self.device = cfg, cfg.train, info, device
-        self.phase, self.tag, self.resume = phase, tag, resume
+        self.phase, self.tag, self.resume, self.own_run = phase, tag, resume, own_run
         self.data = data
         self.run_name = run or f"{phase}-{tag}"
         self.ckpt_dir = home.checkpoint_dir(phase, tag)
         self.run_dir = home.run_dir(self.run_name)
 
     # --- setup --------------------------------------------------------------------------------------
+    def check_run_folder(self) -> None:
+        """A run folder belongs to the training that made it: refuse one another tag wrote metrics to.
+        runs/<run>/train.json names the owner (phase and tag)."""
+        owner_path = self.run_dir / RUN_OWNER
+        me = {"phase": self.phase, "tag": self.tag}
+        owner = home.read_json(owner_path, "run owner") if owner_path.is_file() else None
+        foreign = (owner is not None and {k: owner.get(k) for k in me} != me) or \
+            (owner is None and (self.run_dir / "metrics.jsonl").exists() and not self.resume)
+        if foreign and not self.own_run:
+            whose = f"the training of tag '{owner.get('tag')}' ({owner.get('phase')})" if owner else \
+                "another training"
+            raise UserError(f"run folder {self.run_dir} belongs to {whose}: pick another --run "
+                            f"(default: {self.phase}-{self.tag}), or continue that training with --resume --tag "
+                            f"{owner.get('tag') if owner else 'TAG'}")
+        if owner != me:
+            home.atomic_write_json(owner_path, me)
+
     def run(self) -> dict[str, Any]:
         tc, info = self.tc, self.info
         self.data.prepare(self.cfg)
@@ -322,8 +357,9 @@ class _Trainer:
         loss_fn = getattr(self.data, "micro_loss", None)
         tokens_per_step = tc.total_batch_tokens
         resumed = resume_meta or {}
-        last: dict[str, Any] = {"loss": None, "val_bpb": resumed.get("val_bpb"), "tokens_per_second": None,
-                                "mfu": None, "skipped_steps": int(resumed.get("skipped_steps", 0)),
+        last: dict[str, Any] = {"loss": resumed.get("loss"), "val_bpb": resumed.get("val_bpb"),
+                                "tokens_per_second": None, "mfu": None,
+                                "skipped_steps": int(resumed.get("skipped_steps", 0)),
                                 "val": dict(resumed.get("val") or {})}
         writers = _Writers(self.run_dir, tc, info.is_main)
         bar = progress.bar(total=self.max_steps, initial=start_step, desc=f"train {self.tag}", unit="step")
@@ -419,7 +455,8 @@ class _Trainer:
                 "skipped_steps": last["skipped_steps"],
                 "checkpoint": str(ckpt_path) if ckpt_path else None, "checkpoint_dir": str(self.ckpt_dir),
                 "metrics": str(self.run_dir / "metrics.jsonl"), "run_dir": str(self.run_dir),
-                "interrupted": interrupted, "num_params": self.raw.config.num_params(), "rank": info.rank}
+                "interrupted": interrupted, "num_params": self.raw.config.num_params(), "rank": info.rank,
+                "already_complete": start_step >= self.max_steps}
 
     def _save(self, step: int, last: dict[str, Any]) -> Path | None:
         info = self.info

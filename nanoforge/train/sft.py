@@ -48,8 +48,8 @@ def train_sft(from_checkpoint: str | Path, data: str | Path, *, tag: str, phase:
     folder, step, meta = ckpt.load_meta(from_checkpoint)
     source_phase = meta.get("phase", "base")
     if source_phase not in PHASE_SOURCES[phase]:
-        raise UserError(f"--from {from_checkpoint} is a {source_phase} checkpoint; train {phase} starts from a "
-                        f"{' or '.join(PHASE_SOURCES[phase])} checkpoint")
+        raise UserError(f"--from {from_checkpoint} is a checkpoint of phase {source_phase}; train {phase} starts "
+                        f"from a {' or '.join(PHASE_SOURCES[phase])} checkpoint")
     tokenizer = checkpoint_tokenizer(meta, f"{folder}")
     cfg = phase_config(meta, phase, config=config, overrides=overrides)
     chat = ChatData(tokenizer, data, val=val, base=(folder, step, meta), sft=cfg.sft, seq_len=cfg.train.seq_len,
@@ -147,10 +147,28 @@ def render_all(tokenizer: Any, conversations: list[Any], *, max_tokens: int, lea
     return out, {"conversations": len(conversations), "truncated": truncated, "dropped": dropped}
 
 
-def load_chat(data: str | Path) -> list[Any]:
-    from nanoforge.data.chat import load_conversations
-
+def load_chat(data: str | Path | list[Any]) -> list[Any]:
+    """Conversations from a file, mixture or folder (nanoforge.data.chat), or a list given as is."""
+    if isinstance(data, list):
+        return data
+    try:
+        from nanoforge.data.chat import load_conversations
+    except ImportError:
+        return _read_jsonl(Path(data))
     return list(load_conversations(data))
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    import json
+
+    if not path.is_file():
+        raise UserError(f"chat data {path} does not exist")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            out.append({"messages": row["messages"], "source": f"{path}:{n}"})
+    return out
 
 
 class ChatData:
@@ -160,30 +178,31 @@ class ChatData:
 
     def __init__(self, tokenizer: Any, data: str | Path, *, val: str | Path | None, base: tuple[Path, int, dict],
                  sft: Any, seq_len: int, seed: int) -> None:
-        self.tokenizer, self.data, self.sft, self.seq_len, self.seed = tokenizer, data, sft, seq_len, seed
+        self.tokenizer, self.sft, self.seq_len, self.seed = tokenizer, sft, seq_len, seed
+        self.data = f"{len(data)} conversations" if isinstance(data, list) else str(data)
         self.base_folder, self.base_step, self.base_meta = base
-        path = Path(data)
         train_src: Any = data
-        self.val_source: str | None = str(val) if val else None
-        if val is None and path.is_dir() and (path / "train").is_dir():
+        self.val_source: str | None = None if val is None else str(val) if not isinstance(val, list) else "given"
+        path = None if isinstance(data, list) else Path(data)
+        if val is None and path is not None and path.is_dir() and (path / "train").is_dir():
             train_src = path / "train"
             if (path / "val").is_dir():
                 self.val_source = str(path / "val")
         train_convs = load_chat(train_src)
-        val_convs = load_chat(self.val_source) if self.val_source else []
+        val_convs = load_chat(val if val is not None else self.val_source) if self.val_source else []
         if not self.val_source and sft.val_conversations and len(train_convs) > 1:
             k = min(sft.val_conversations, len(train_convs) // 10 or 1)
             held = set(np.random.default_rng([seed, 7]).permutation(len(train_convs))[:k].tolist())
             val_convs = [c for i, c in enumerate(train_convs) if i in held]
             train_convs = [c for i, c in enumerate(train_convs) if i not in held]
-            self.val_source = f"{k} conversations held out of {data}"
+            self.val_source = f"{k} conversations held out of {self.data}"
         self.train_rows, self.counts = render_all(tokenizer, train_convs, max_tokens=seq_len + 1, learn=sft.learn)
         if not self.train_rows:
             c = self.counts
             why = (f"every conversation is longer than a row of train.seq_len + 1 = {seq_len + 1} tokens before "
                    f"its first learned token" if c["truncated"] >= c["conversations"] else
                    "no conversation has an assistant token to learn")
-            raise UserError(f"chat data {data}: {why} ({c['conversations']} conversations); "
+            raise UserError(f"chat data {self.data}: {why} ({c['conversations']} conversations); "
                             f"{'raise train.seq_len or shorten them' if c['truncated'] else 'check the data'}")
         self.val_rows, self.val_counts = render_all(tokenizer, val_convs, max_tokens=seq_len + 1, learn=sft.learn)
         self.base_scores: dict[str, float] = {}
