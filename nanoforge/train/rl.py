@@ -238,13 +238,8 @@ def problems_from_conversations(conversations: Sequence[Any], tokenizer: Any, *,
 
 
 def _gsm8k(text: str) -> str | None:
-    try:
-        from nanoforge.data.chat import gsm8k_answer
-    except ImportError:  # TEMPORARY until the chat data module lands
-        import re
+    from nanoforge.data.chat import gsm8k_answer
 
-        m = re.search(r"####\s*(-?[\d,]*\.?\d+)", text)
-        return m.group(1) if m else None
     return gsm8k_answer(text)
 
 
