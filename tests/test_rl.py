@@ -285,3 +285,30 @@ def test_train_rl_refuses_bad_input(sft_checkpoint) -> None:
         train_rl(sft, no_answers, tag="x", overrides=FAST_RL)
     with pytest.raises(UserError, match="model.d_model cannot be set"):
         train_rl(sft, _arithmetic(4, 0), tag="x", overrides=["model.d_model=32"])
+
+
+def test_train_rl_under_torchrun_with_two_processes(sft_checkpoint, tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from nanoforge import home
+
+    _, sft = sft_checkpoint
+    data, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in _arithmetic(10, 0)))
+    val.write_text("".join(json.dumps(c) + "\n" for c in _arithmetic(4, 1)))
+    sets = sum((["--set", o] for o in FAST_RL + ["rl.prompts_per_step=1", "rl.max_steps=2"]), [])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "nanoforge", "train", "rl", "--from", str(sft), "--data", str(data), "--val", str(val),
+                        "--tag", "ddp", *sets], capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("checkpoint:") == 1  # rank 0 reports and writes
+    folder = home.checkpoint_dir("rl", "ddp")
+    meta = json.loads((folder / "meta_000002.json").read_text())
+    assert meta["world_size"] == 2 and meta["phase"] == "rl"
+    assert meta["loader"] == [{"epoch": 0, "pos": 2}, {"epoch": 0, "pos": 2}]  # each rank took its own 2 prompts
+    rows = [json.loads(line) for line in (home.run_dir("rl-ddp") / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [1, 2] and all(x["sampled_tokens"] > 0 for x in rows)
+    assert "pass@1" in rows[-1] and meta["val"]["pass@1"] == rows[-1]["pass@1"]
