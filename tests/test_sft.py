@@ -178,6 +178,7 @@ def _cli(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_sigint_mid_sft_and_resume_is_bit_identical(chat, nanoforge_home) -> None:
     args = ["--from", str(chat["base"]), "--data", str(chat["train"]), "--val", str(chat["val"]),
             "--set", "train.max_steps=36", "--set", "train.eval_every=12", "--set", "train.save_every=10"]
@@ -246,3 +247,45 @@ def test_from_must_be_a_base_checkpoint_with_its_own_tokenizer(chat, tmp_path, c
         assert err.count("\n") == 1 and "is not the one checkpoint" in err
     finally:
         meta_path.write_text(saved)
+
+
+# --- DDP ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_gloo_processes_normalise_over_both_ranks_tokens(chat, nanoforge_home) -> None:
+    """torchrun with 2 processes equals one process that takes both ranks' batches as one step's
+    micro-batches: the loss is the mean over the learned tokens of both ranks, not a mean of their means."""
+    from nanoforge import checkpoint as ckpt
+    from nanoforge.train.optim import build_optimizer, lr_multiplier, set_lr
+    from nanoforge.train.sft import ChatData, checkpoint_tokenizer, phase_config
+
+    overrides = ["train.max_steps=3", "train.eval_every=0", "train.total_batch_tokens=1024"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanoforge",
+           "train", "sft", "--from", str(chat["base"]), "--data", str(chat["train"]), "--val", str(chat["val"]),
+           "--tag", "ddp", *sum((["--set", o] for o in overrides), [])]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("checkpoint:") == 1
+    folder, step, meta = ckpt.load_meta(chat["base"])
+    cfg = phase_config(meta, "sft", overrides=overrides)
+    tok = checkpoint_tokenizer(meta, str(folder))
+    data = ChatData(tok, chat["train"], val=chat["val"], base=(folder, step, meta), sft=cfg.sft,
+                    seq_len=cfg.train.seq_len, seed=cfg.train.seed)
+    model, _ = ckpt.load_model(folder)
+    model.train()
+    opt = build_optimizer(model, cfg.train)
+    ranks = [iter(ChatLoader(data.train_rows, batch_size=8, seq_len=64, pad_id=tok.bos_id, rank=k, world_size=2,
+                             seed=cfg.train.seed, buffer_size=cfg.sft.buffer_size)) for k in range(2)]
+    losses = []
+    tc = cfg.train
+    for s in range(3):
+        set_lr(opt, lr_multiplier(s, 3, schedule=tc.schedule, warmup_steps=tc.warmup_steps, min_lr_frac=tc.min_lr_frac))
+        loss, _ = accumulate_gradients(model, [next(ranks[0]), next(ranks[1])])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    got = _losses(nanoforge_home, "sft-ddp")
+    assert all(abs(a - b) < 1e-5 for a, b in zip(got, losses, strict=True))
+    ddp = load_file(str(nanoforge_home / "checkpoints" / "sft" / "ddp" / "model_000003.safetensors"))
+    assert all(torch.allclose(ddp[k], v, atol=1e-5) for k, v in model.state_dict().items() if k in ddp)

@@ -148,27 +148,12 @@ def render_all(tokenizer: Any, conversations: list[Any], *, max_tokens: int, lea
 
 
 def load_chat(data: str | Path | list[Any]) -> list[Any]:
-    """Conversations from a file, mixture or folder (nanoforge.data.chat), or a list given as is."""
+    """Conversations of a file, folder or mixture TOML (nanoforge.data.chat), or a list given as is."""
     if isinstance(data, list):
         return data
-    try:
-        from nanoforge.data.chat import load_conversations
-    except ImportError:
-        return _read_jsonl(Path(data))
+    from nanoforge.data.chat import load_conversations
+
     return list(load_conversations(data))
-
-
-def _read_jsonl(path: Path) -> list[Any]:
-    import json
-
-    if not path.is_file():
-        raise UserError(f"chat data {path} does not exist")
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            row = json.loads(line)
-            out.append({"messages": row["messages"], "source": f"{path}:{n}"})
-    return out
 
 
 class ChatData:
@@ -185,7 +170,8 @@ class ChatData:
         self.val_source: str | None = None if val is None else str(val) if not isinstance(val, list) else "given"
         path = None if isinstance(data, list) else Path(data)
         if val is None and path is not None and path.is_dir() and (path / "train").is_dir():
-            train_src = path / "train"
+            # the layout of the default chat data: train/ (mixed by train.toml when present) and val/
+            train_src = path / "train.toml" if (path / "train.toml").is_file() else path / "train"
             if (path / "val").is_dir():
                 self.val_source = str(path / "val")
         train_convs = load_chat(train_src)
