@@ -128,6 +128,7 @@ class RLSection:
 class SpeedrunSection:
     until: str = "rl"              # base | sft | rl: the last training stage of `nanoforge speedrun`
     chat_data: str = ""            # SFT data of the speedrun; "" = the offline default chat data
+    chat_eval_limit: int = 0       # held-out prompts per chat task (0 = all)
 
 
 SECTIONS: dict[str, type] = {"model": ModelSection, "train": TrainSection, "data": DataSection,

@@ -175,8 +175,8 @@ def chat_report(r: dict[str, Any], plots_dir: Path) -> dict[str, Any]:
     export = ((r.get("export") or {}).get("export"))
     if final:
         out["try"] = [f"nanoforge chat {final}", f"nanoforge serve {final}"]
-        if export:
-            out["try"].append(f"# the Hugging Face export (with its chat template): {export}")
+    if export:
+        out["md"] += [f"The Hugging Face export of the last model (with its chat template) is `{export}`.", ""]
     return out
 
 

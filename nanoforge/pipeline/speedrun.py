@@ -141,7 +141,7 @@ def _run_stages(runner: StageRunner, cfg: RunConfig, data: str | None, phase_set
         final = models["rl"] = rl_res
     if until in ("sft", "rl"):
         runner.stage("chat_eval", {"models": {k: v.fingerprint for k, v in models.items()},
-                                   "eval": sections["eval"], "run": run},
+                                   "eval": sections["eval"], "limit": cfg.speedrun.chat_eval_limit, "run": run},
                      lambda fp: _stage_chat_eval(runner, cfg, {k: v.result for k, v in models.items()}))
     runner.stage("export", {"pretrain": final.fingerprint} if final is train_res else {"model": final.fingerprint},
                  lambda fp: _stage_export(final.result, fp))
@@ -152,6 +152,8 @@ def _run_stages(runner: StageRunner, cfg: RunConfig, data: str | None, phase_set
     summary = report_res.result["summary"]
     progress.log(f"val bpb {summary.get('val_bpb', float('nan')):.4f}; report: {report_res.result['report']} "
                  f"(and report.html)")
+    if summary.get("export"):
+        progress.log(f"Hugging Face export: {summary['export']}")
     progress.log("try the model:\n  " + "\n  ".join(summary.get("try_commands") or [summary["try"]]))
     return summary
 
@@ -417,29 +419,48 @@ def _stage_rl(sft: dict[str, Any], sets: list[str], run: str, fp: str, fresh: bo
 
 
 SAMPLE_CONVERSATIONS = 3
+CHAT_TASKS = ("arithmetic_chat", "replies_chat")  # bundled, on the default chat data's held-out split
 
 
 def _stage_chat_eval(runner: StageRunner, cfg: RunConfig, models: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Every model of the run (base, SFT, RL) on the bundled held-out chat tasks, and greedy replies of the
-    last model to a few held-out prompts."""
+    """Every model of the run (base, SFT, RL) on the bundled held-out chat tasks (greedy, tools on), and
+    greedy replies of the last model to a few held-out prompts."""
     from nanoforge.eval.chat import eval_chat
-    from nanoforge.pipeline.report import _task_scores
 
     out = runner.run_dir / "chat_eval"
     out.mkdir(parents=True, exist_ok=True)
-    scores, errs, raw = {}, {}, {}
+    scores, errs = {}, {}
+    limit = cfg.speedrun.chat_eval_limit or None
     for name, res in models.items():
-        result = eval_chat(res["checkpoint_dir"], limit=cfg.eval.limit or None)
-        raw[name] = _jsonable(result)
-        scores[name], errs[name] = _task_scores(result), _task_scores(result, stderr=True)
+        progress.log(f"chat eval of the {name} model")
+        result = eval_chat(res["checkpoint_dir"], list(CHAT_TASKS), limit=limit, out=out / f"{name}.json")
+        scores[name], errs[name] = chat_scores(result)
     final = list(models)[-1]
     samples = [{"model": final, "messages": m} for m in _sample_conversations(models[final]["checkpoint_dir"],
                                                                                cfg.rl.max_new_tokens)]
-    result = {"models": scores, "stderr": errs, "samples": samples, "final": final,
+    result = {"models": scores, "stderr": errs, "samples": samples, "final": final, "limit": limit,
               "final_checkpoint": models[final]["checkpoint_dir"]}
-    home.atomic_write_json(out / "results.json", {**result, "raw": raw})
+    home.atomic_write_json(out / "results.json", result)
     result["outputs"] = [str(out / "results.json")]
     return result
+
+
+def chat_scores(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """({"task metric": value}, {"task metric": stderr}) of eval_chat's result: each task's main metric
+    (exact match, ended, acc) and ChatCORE."""
+    scores, errs = {}, {}
+    info = (result.get("nanoforge") or {}).get("tasks") or {}
+    for task, row in (result.get("results") or {}).items():
+        key = "chatcore,none" if task == "chatcore" else (info.get(task) or {}).get("main_metric")
+        if not key or row.get(key) is None:
+            continue
+        metric, _, filt = key.partition(",")
+        name = "ChatCORE" if task == "chatcore" else f"{task} {metric}"
+        scores[name] = _jsonable(row[key])
+        err = row.get(f"{metric}_stderr,{filt}")
+        if err is not None:
+            errs[name] = _jsonable(err)
+    return scores, errs
 
 
 def _sample_conversations(checkpoint: str, max_tokens: int) -> list[list[dict[str, Any]]]:
