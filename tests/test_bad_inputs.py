@@ -105,7 +105,7 @@ CASES = [
     # eval, sample, import
     ("eval bpb CKPT --tokens TOKENS --device bogus", 2, "--device 'bogus' is not a device"),
     ("eval bpb CKPT --tokens TOKENS --seq-len 100000", 2, "longer than the model's context"),
-    ("sample CKPT --prompt hallo --temperature nan", 2, "temperature must be a finite number"),
+    ("sample CKPT --prompt hallo --temperature nan", 2, "temperature must be >= 0"),
     ("import hf MODELFILE --tag imported", 2, "is a file: give the Hugging Face model folder"),
     # plan
     ("plan --params nan", 2, "--params must be a positive finite number"),

@@ -226,6 +226,19 @@ class Tokenizer:
             return self._enc.decode(ids)
         return self._hf.decode(ids, skip_special_tokens=False)
 
+    # ---- chat (nanoforge/tokenizer/chat.py) -----------------------------------------------------------
+    def render_conversation(self, conv: Any, max_tokens: int | None = None, *, source: str | None = None):
+        """`(ids, mask)` of a conversation, as a `chat.Rendered` (also has `.truncated`); see tokenizer/chat.py."""
+        from nanoforge.tokenizer.chat import render_conversation
+
+        return render_conversation(self, conv, max_tokens, source=source)
+
+    def render_for_completion(self, conv: Any, *, source: str | None = None) -> list[int]:
+        """Prompt ids for generation: drops a final assistant turn, ends with `<|assistant_start|>`."""
+        from nanoforge.tokenizer.chat import render_for_completion
+
+        return render_for_completion(self, conv, source=source)
+
     def special_id(self, name: str) -> int:
         try:
             return self.special_tokens[name]
