@@ -30,12 +30,15 @@ MODULES = {_module(p): p for p in PACKAGE.rglob("*.py")  # not the data folders 
 
 
 def _imports(path: Path, module_level: bool) -> set[str]:
-    """nanoforge modules `path` imports: at module level only (what runs on import; TYPE_CHECKING blocks
-    excluded), or anywhere (lazy imports inside functions too)."""
+    """nanoforge modules `path` imports: at module level only (what runs on import), or anywhere (lazy
+    imports inside functions too); imports under `if TYPE_CHECKING:` never run and are left out."""
     name = _module(path)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    nodes = [n for n in tree.body if not isinstance(n, ast.If)] if module_level else list(ast.walk(tree))
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and "TYPE_CHECKING" in
+                   ast.unparse(block.test) for n in ast.walk(block)}  # annotations, never run
+    nodes = [n for n in tree.body if not isinstance(n, ast.If)] if module_level else \
+        [n for n in ast.walk(tree) if id(n) not in typing_only]
     found: set[str] = set()
     for node in nodes:
         if isinstance(node, ast.Import):
