@@ -16,6 +16,7 @@ learned tokens (a val/ split beside train/, --val, or sft.val_conversations held
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,11 @@ def train_sft(from_checkpoint: str | Path, data: str | Path, *, tag: str, phase:
     if resume and existing:
         chat.base_scores = dict(home.read_json(home.checkpoint_dir(phase, tag) / f"meta_{existing[-1]:06d}.json",
                                                "checkpoint meta").get("base_val") or {})
-    elif chat.val_rows and not existing:
-        base_model, _ = ckpt.load_model(folder, step=step, device=_device(cfg.train.device))
+    elif chat.val_rows and not existing and int(os.environ.get("RANK", "0")) == 0:  # rank 0 reports it
+        device = _device(cfg.train.device)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        base_model, _ = ckpt.load_model(folder, step=step, device=device)
         chat.base_scores = evaluate_chat_loss(base_model, chat.val_rows, tokenizer,
                                               batch_size=cfg.train.device_batch_size, seq_len=cfg.train.seq_len,
                                               device=next(base_model.parameters()).device,
