@@ -1,4 +1,4 @@
-"""`nanoforge train base|mid|sft` and `nanoforge checkpoints list`."""
+"""`nanoforge train base|mid|sft|rl` and `nanoforge checkpoints list`."""
 
 from __future__ import annotations
 
@@ -49,6 +49,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--resume", action="store_true", help="continue the latest checkpoint of --tag exactly")
         p.add_argument("--json", action="store_true", help="print the summary as JSON")
         p.set_defaults(func=_train_chat, phase=phase)
+
+    rl = subparser(tsub, "rl", "reinforcement learning on verifiable rewards (GRPO-style) from a chat checkpoint",
+                   "nanoforge train rl --from checkpoints/sft/demo --tag demo --set rl.max_steps=50")
+    rl.add_argument("--from", dest="from_checkpoint", required=True,
+                    help="the chat (sft) checkpoint to start from: a tag folder, a model file or a tag name")
+    rl.add_argument("--data", default=None,
+                    help="problems: chat data whose assistant answers end in '#### n' (JSONL/JSON/parquet, a "
+                         "mixture TOML, or a folder with train/ and val/); default: the offline arithmetic set")
+    rl.add_argument("--val", default=None, help="held-out problems for pass@k (default: the val/ split, else "
+                                                "rl.eval_prompts problems held out of --data)")
+    rl.add_argument("--tag", required=True, help="checkpoint folder name (checkpoints/rl/TAG)")
+    rl.add_argument("--config", default=None, help="a TOML config file applied over the RL defaults")
+    rl.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config value (repeatable), e.g. --set rl.group_size=16")
+    rl.add_argument("--run", default=None, help="run folder name (runs/RUN); default: rl-TAG")
+    rl.add_argument("--resume", action="store_true", help="continue the latest checkpoint of --tag exactly")
+    rl.add_argument("--allow-base", action="store_true", help="start from a base checkpoint (only warns)")
+    rl.add_argument("--json", action="store_true", help="print the summary as JSON")
+    rl.set_defaults(func=_train_rl)
 
     ck = sub.add_parser("checkpoints", help="list checkpoints")
     csub = ck.add_subparsers(dest="checkpoints_command", metavar="<command>")
@@ -110,6 +129,32 @@ def _train_chat(args: argparse.Namespace) -> int:
             print(f"conversations: {summary['conversations']} ({summary['truncated']} truncated to a row, "
                   f"{summary['dropped']} without a learned token dropped), {summary['val_conversations']} held out; "
                   f"{summary['skipped_steps']} steps skipped")
+            print(f"checkpoint: {summary['checkpoint']}")
+            print(f"metrics:    {summary['metrics']}")
+    if summary["interrupted"]:
+        print(f"interrupted ({signal.Signals(summary['interrupted']).name}); continue with --resume",
+              file=sys.stderr)
+        return 128 + int(summary["interrupted"])
+    return 0
+
+
+def _train_rl(args: argparse.Namespace) -> int:
+    from nanoforge.train.rl import train_rl
+
+    summary = train_rl(args.from_checkpoint, args.data, tag=args.tag, val=args.val, config=args.config,
+                       overrides=args.overrides, run=args.run, resume=args.resume, allow_base=args.allow_base)
+    if summary.get("rank", 0) == 0:
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            k = summary.get("k", 1)
+
+            def pk(suffix: str) -> str:
+                v, e = summary.get(f"pass@1{suffix}"), summary.get(f"pass@1_stderr{suffix}")
+                return "n/a" if v is None else f"{v:.3f} ± {e:.3f} (pass@{k} {summary.get(f'pass@{k}{suffix}', 0):.3f})"
+
+            print(f"step {summary['step']}/{summary['max_steps']}  mean reward {summary.get('reward_mean', 0):.3f}  "
+                  f"held-out pass@1 {pk('_start')} -> {pk('')}")
             print(f"checkpoint: {summary['checkpoint']}")
             print(f"metrics:    {summary['metrics']}")
     if summary["interrupted"]:

@@ -201,15 +201,19 @@ def learned_tokens(targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Te
 
 def accumulate_gradients(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, ...]], *,
                          info: D.DistInfo | None = None, parallel: str = "ddp",
-                         autocast: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
+                         autocast: torch.dtype | None = None,
+                         loss_fn: Any = None) -> tuple[torch.Tensor, int]:
     """Backward over the micro-batches of one optimizer step with the loss normalised over ALL their learned
     tokens on all ranks: micro-batch i's mean is weighted by count_i × world / total (DDP then averages over
     the world). Returns (this rank's share of the step's mean loss, detached; the total learned tokens).
     When the total is 0 nothing runs and (0, 0) comes back: the caller skips the step. A micro-batch with
-    no learned token still runs forward and backward (DDP needs every rank's hooks) with a zero loss."""
+    no learned token still runs forward and backward (DDP needs every rank's hooks) with a zero loss.
+    Micro-batches are (inputs, targets, mask, ...); `loss_fn(model, micro_batch, scale)`, when given, returns
+    a micro-batch's share of the step's loss for scale = processes / learned tokens of the step (the RL
+    phase weights each token by its sequence's advantage); the default is the mean cross-entropy."""
     info = info or D.DistInfo()
     device = micro_batches[0][0].device
-    counts_t = torch.stack([learned_tokens(t, m) for _, t, m in micro_batches]).to(device)
+    counts_t = torch.stack([learned_tokens(mb[1], mb[2]) for mb in micro_batches]).to(device)
     total_t = counts_t.sum()
     if info.enabled:
         torch.distributed.all_reduce(total_t)
@@ -219,11 +223,14 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: list[tuple[torch
         return loss_sum, 0
     counts = counts_t.tolist()
     n = len(micro_batches)
-    for i, (inputs, targets, mask) in enumerate(micro_batches):
+    for i, mb in enumerate(micro_batches):
+        inputs, targets, mask = mb[:3]
         sync = (model.no_sync() if info.enabled and parallel == "ddp" and i < n - 1 else contextlib.nullcontext())
         with sync:
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                if counts[i]:
+                if counts[i] and loss_fn is not None:
+                    loss = loss_fn(model, mb, info.world_size / total)
+                elif counts[i]:
                     loss = model(inputs, targets, mask) * (counts[i] * info.world_size / total)
                 else:
                     loss = model(inputs, targets, mask, reduction="none")[0].sum() * 0.0
@@ -295,7 +302,7 @@ class _Trainer:
             model = torch.compile(model)
         self.model = model
         self.optimizer = build_optimizer(model, tc, self.device.type)
-        self.autocast = _autocast_dtype(tc.dtype, self.device)
+        self.autocast = _autocast_dtype(tc.dtype, self.device, resume_meta, info)
 
         self.loader = self.data.loader(self.cfg, info, self.device)
         start_step = 0
@@ -315,7 +322,8 @@ class _Trainer:
             _truncate_metrics(self.run_dir / "metrics.jsonl", start_step)
             progress.log(f"{mc.num_params():,} parameters, {self.max_steps} steps × {tc.total_batch_tokens:,} tokens "
                          f"({self.accum} micro-steps × {info.world_size} processes), {tc.optimizer}, device "
-                         f"{self.device}{f', resuming at step {start_step}' if start_step else ''}")
+                         f"{self.device}{', bf16 autocast' if self.autocast == torch.bfloat16 else ''}"
+                         f"{f', resuming at step {start_step}' if start_step else ''}")
         return self._loop(start_step, resume_meta)
 
     def _check_resume(self, mc: Any) -> dict[str, Any] | None:
@@ -346,6 +354,8 @@ class _Trainer:
     def _loop(self, start_step: int, resume_meta: dict[str, Any] | None) -> dict[str, Any]:
         tc, info, model, opt = self.tc, self.info, self.model, self.optimizer
         batches = iter(self.loader)
+        step_batches = getattr(self.data, "step_batches", None)
+        loss_fn = getattr(self.data, "micro_loss", None)
         tokens_per_step = tc.total_batch_tokens
         resumed = resume_meta or {}
         last: dict[str, Any] = {"loss": resumed.get("loss"), "val_bpb": resumed.get("val_bpb"),
@@ -363,9 +373,12 @@ class _Trainer:
                 t0 = time.perf_counter()
                 lr = set_lr(opt, lr_multiplier(step, self.max_steps, schedule=tc.schedule, warmup_steps=tc.warmup_steps,
                                                min_lr_frac=tc.min_lr_frac, cooldown_frac=tc.cooldown_frac))
-                micro = [next(batches) for _ in range(self.accum)]
+                if step_batches is not None:  # the data source makes the step's batches (RL: rollouts)
+                    micro = step_batches(step, self.loader, model)
+                else:
+                    micro = [next(batches) for _ in range(self.accum)]
                 loss_sum, learned = accumulate_gradients(model, micro, info=info, parallel=tc.parallel,
-                                                         autocast=self.autocast)
+                                                         autocast=self.autocast, loss_fn=loss_fn)
                 if learned:
                     if tc.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -388,6 +401,8 @@ class _Trainer:
                                           "lr": lr, "tokens": step * tokens_per_step, "learned_tokens": learned,
                                           "tokens_per_second": round(tps, 1),
                                           "mfu": None if mfu is None else round(mfu, 5), "step_time": round(dt, 4)}
+                if hasattr(self.data, "step_metrics"):
+                    record.update(self.data.step_metrics())
                 if not learned:
                     record["skipped"] = True
                     if info.is_main:
@@ -396,7 +411,8 @@ class _Trainer:
                 if loss_value is not None:
                     last["loss"] = loss_value
                 is_last = step == self.max_steps
-                if (tc.eval_every and step % tc.eval_every == 0) or is_last:
+                evaluated = (tc.eval_every and step % tc.eval_every == 0) or is_last
+                if evaluated:
                     scores = self.data.evaluate(self.model, self.cfg, info, self.device, self.autocast)
                     record.update(scores)
                     last["val"] = scores
@@ -405,7 +421,7 @@ class _Trainer:
                 if tc.sample_every and (step % tc.sample_every == 0 or is_last) and info.is_main \
                         and not (info.enabled and tc.parallel == "fsdp"):
                     writers.samples(step, self.data.sample(self.raw, self.cfg))
-                if step % max(1, tc.log_every) == 0 or is_last or "val_bpb" in record:
+                if step % max(1, tc.log_every) == 0 or is_last or evaluated:
                     writers.metrics(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}" if last["loss"] is not None else "n/a", tok_s=f"{tps:,.0f}",
@@ -416,6 +432,10 @@ class _Trainer:
                                     if k != "val_bpb" and isinstance(v, float))
                     progress.log(f"step {step}/{self.max_steps}: loss {last['loss'] or float('nan'):.4f}, "
                                  f"val bpb {record['val_bpb']:.4f}{extra}")
+                elif evaluated and info.is_main and last["val"]:  # no bpb (RL): its own scores
+                    progress.log(f"step {step}/{self.max_steps}: " + ", ".join(
+                        f"{k} {v:.4f}" for k, v in {**self.data.step_metrics(), **last["val"]}.items()
+                        if isinstance(v, float)))
                 stopping = D.any_rank(stop.signum is not None, info, self.device)
                 if stopping or is_last or (tc.save_every and step % tc.save_every == 0):
                     ckpt_path = self._save(step, last)
@@ -456,6 +476,7 @@ class _Trainer:
                 "loss": last["loss"], "val_bpb": last["val_bpb"], "val": last["val"],
                 "skipped_steps": last["skipped_steps"], "world_size": info.world_size,
                 "parallel": self.tc.parallel if info.enabled else None,
+                "autocast": "bfloat16" if self.autocast == torch.bfloat16 else "float32",
                 "loader": loaders, "rng": rngs, "torch": torch.__version__, "time": time.time()}
         path = ckpt.save_checkpoint(self.ckpt_dir, step, model_state, optim_state, meta)
         ckpt.prune_checkpoints(self.ckpt_dir, keep_last=max(1, self.tc.keep_last))
@@ -542,10 +563,30 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+def _autocast_dtype(dtype: str, device: torch.device, resume_meta: dict[str, Any] | None = None,
+                    info: D.DistInfo | None = None) -> torch.dtype | None:
+    """bf16 autocast (fp32 weights and optimizer state) or None (fp32). `auto`: bf16 on CUDA, and on a CPU
+    whose bf16 products were measured clearly faster (gemm.bf16_faster); a resumed run keeps the choice its
+    checkpoint recorded, so that it does the same arithmetic on a machine that measures differently; under
+    torchrun every rank takes rank 0's measurement."""
+    if dtype == "bfloat16":
         return torch.bfloat16
-    return None
+    if dtype != "auto":
+        return None
+    if resume_meta is not None and "autocast" in resume_meta:
+        return torch.bfloat16 if resume_meta["autocast"] == "bfloat16" else None
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type != "cpu":
+        return None
+    from nanoforge.model import gemm
+
+    choice = gemm.bf16_faster() if info is None or info.is_main else False
+    if info is not None and info.enabled:
+        flag = torch.tensor([int(choice)])
+        torch.distributed.broadcast(flag, src=0)
+        choice = bool(flag.item())
+    return torch.bfloat16 if choice else None
 
 
 def _flag(value: str, auto: bool) -> bool:
