@@ -184,6 +184,7 @@ class ChatData:
             if (path / "val").is_dir():
                 self.val_source = str(path / "val")
         train_convs = load_chat(train_src)
+        loaded = len(train_convs)
         val_convs = load_chat(val if val is not None else self.val_source) if self.val_source else []
         if not self.val_source and sft.val_conversations and len(train_convs) > 1:
             k = min(sft.val_conversations, len(train_convs) // 10 or 1)
@@ -197,7 +198,7 @@ class ChatData:
             why = (f"every conversation is longer than a row of train.seq_len + 1 = {seq_len + 1} tokens before "
                    f"its first learned token" if c["truncated"] >= c["conversations"] else
                    "no conversation has an assistant token to learn")
-            raise UserError(f"chat data {self.data}: {why} ({c['conversations']} conversations); "
+            raise UserError(f"chat data {self.data}: {why} ({loaded} conversations); "
                             f"{'raise train.seq_len or shorten them' if c['truncated'] else 'check the data'}")
         self.val_rows, self.val_counts = render_all(tokenizer, val_convs, max_tokens=seq_len + 1, learn=sft.learn)
         self.base_scores: dict[str, float] = {}
