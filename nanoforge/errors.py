@@ -12,3 +12,8 @@ class UserError(NanoforgeError):
     """Bad input: a missing file, a wrong flag, a mismatched artifact. Exit code 2."""
 
     exit_code = 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same cleanup runs (temporaries removed,
+    the old output kept); the CLI exits 143."""

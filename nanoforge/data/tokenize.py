@@ -230,7 +230,7 @@ def tokenize_corpus(corpus: str | os.PathLike | Sequence[str | os.PathLike], tok
     units, sizes, corpus_fp = corpus_units(corpus, column)
     tok_name = getattr(tok, "name", None) or "tokenizer"
     if out is None:
-        name = name or f"{Path(corpus[0]).name}-{tok_name}"
+        name = name or home.slug(f"{Path(corpus[0]).name}-{tok_name}")
         out = home.tokens_dir(name)
     out = Path(out)
     name = name or out.name
@@ -241,24 +241,36 @@ def tokenize_corpus(corpus: str | os.PathLike | Sequence[str | os.PathLike], tok
         "val_fraction": None if frac is None else float(frac), "column": column,
         "split_blank_lines": split_blank_lines,
     }
-    config_path = out / CONFIG_FILE
-    if out.exists() and any(out.iterdir()):
-        old = home.read_json(config_path, "tokenize settings") if config_path.exists() else None
-        if old != config and not force:
-            what = "another tokenizer" if old and old.get("tokenizer_fingerprint") != tok.fingerprint else \
-                "another corpus" if old and old.get("corpus_fingerprint") != corpus_fp else "other settings"
-            raise UserError(f"token folder {out} exists and was made with {what}: pick another --name "
-                            f"or pass --force to replace it")
-        if force:
-            if old is None and not (out / "meta.json").exists() and not list(out.glob("*.bin")):
-                raise UserError(f"{out} exists and is not a token folder: refusing to replace it")
-            import shutil
-            shutil.rmtree(out)
-        elif (out / "meta.json").exists():
-            progress.log(f"{out} is already complete")
-            return out
+    args = (name, tok, tokenizer, config, units, sizes, corpus, n_val, frac, workers, column, split_blank_lines,
+            shard_tokens, dtype)
+    with home.lock(out, "token folder"):
+        config_path = out / CONFIG_FILE
+        if out.exists() and any(out.iterdir()):
+            old = home.read_json(config_path, "tokenize settings") if config_path.exists() else None
+            if old != config and not force:
+                what = "another tokenizer" if old and old.get("tokenizer_fingerprint") != tok.fingerprint else \
+                    "another corpus" if old and old.get("corpus_fingerprint") != corpus_fp else "other settings"
+                raise UserError(f"token folder {out} exists and was made with {what}: pick another --name "
+                                f"or pass --force to replace it")
+            if force:
+                if old is None and not (out / "meta.json").exists() and not list(out.glob("*.bin")):
+                    raise UserError(f"{out} exists and is not a token folder: refusing to replace it")
+                # rebuilt beside it and swapped in at the end: an interrupted rebuild keeps the old folder
+                with home.atomic_dir(out, force=True, what="token folder") as tmp:
+                    _tokenize_into(tmp, *args)
+                return out
+            if (out / "meta.json").exists():
+                progress.log(f"{out} is already complete")
+                return out
+        return _tokenize_into(out, *args)
+
+
+def _tokenize_into(out: Path, name: str, tok: Any, tokenizer: Any, config: dict, units: list[Unit],
+                   sizes: list[int], corpus: Sequence, n_val: int | None, frac: Fraction | None,
+                   workers: int | None, column: str, split_blank_lines: bool, shard_tokens: int,
+                   dtype: np.dtype) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    home.atomic_write_json(config_path, config)
+    home.atomic_write_json(out / CONFIG_FILE, config)
 
     writers = {s: _SplitWriter(out, s, shard_tokens, dtype) for s in shards.SPLITS}
     start = min(w.resume[0] for w in writers.values())
@@ -323,10 +335,15 @@ def _finish_meta(out: Path, name: str, tok: Any, config: dict, corpus: Sequence)
             "chars": sum(h["chars"] for h in headers), "bytes": sum(h["bytes"] for h in headers),
         }
     total = {k: sum(s[k] for s in splits.values()) for k in ("documents", "tokens", "chars", "bytes")}
-    if total["documents"] == 0:
+    if total["documents"] == 0 or splits["train"]["tokens"] == 0:
         import shutil
         shutil.rmtree(out, ignore_errors=True)
-        raise UserError(f"corpus {', '.join(map(str, corpus))} holds no non-empty documents")
+        if total["documents"] == 0:
+            raise UserError(f"corpus {', '.join(map(str, corpus))} holds no non-empty documents")
+        how = f"--val-docs {config['val_docs']}" if config["val_docs"] is not None else \
+            f"--val-fraction {config['val_fraction']}"
+        raise UserError(f"all {total['documents']:,} documents of corpus {', '.join(map(str, corpus))} went to "
+                        f"validation ({how}): nothing is left to train on; lower --val-docs or --val-fraction")
     tokens = max(total["tokens"], 1)
     meta = {
         "name": name, "format_version": shards.VERSION, "nanoforge_version": __version__,

@@ -59,7 +59,7 @@ class Rendered:
 class Turn:
     role: str                       # "user" or "assistant"
     parts: list[tuple[str, str]]    # (type, text); a user turn has one ("text", …) part
-    open: bool = False              # an assistant turn whose last message was a tool result (generation goes on)
+    open: bool = False              # its last message is a tool result (generation goes on from there)
 
 
 # ---- messages → turns -------------------------------------------------------------------------------
@@ -140,6 +140,8 @@ def conversation_turns(conv: Any, *, source: str | None = None) -> list[Turn]:
             c = "".join(texts)
         if c is None and allow_empty:
             c = ""
+        if c is None:
+            fail(i, f"the {msgs[i]['role']} message has no content")
         if not isinstance(c, str):
             fail(i, f"content is {type(c).__name__}, expected a string")
         if not c and not allow_empty:
@@ -187,7 +189,7 @@ def conversation_turns(conv: Any, *, source: str | None = None) -> list[Turn]:
             fail(i, "the conversation must start with a user (or system) message")
         if turns[-1].role == "assistant":
             fail(i, "two assistant turns in a row: roles must alternate user/assistant")
-        first, parts, is_open = i, [], False
+        first, parts = i, []
         while True:
             calls = msgs[i].get("tool_calls") or []
             if not isinstance(calls, list):
@@ -197,15 +199,11 @@ def conversation_turns(conv: Any, *, source: str | None = None) -> list[Turn]:
                 fail(i, "empty assistant message")
             j = i
             i += 1
-            is_open = False
             for call in calls:
                 parts.append(("python", _tool_call_code(call, lambda what, j=j: fail(j, what))))
                 if i < n and role_of(i) == "tool":
                     parts.append(("python_output", text_of(i, allow_empty=True)))
                     i += 1
-                    is_open = True
-                else:
-                    is_open = False
             if i < n and role_of(i) == "tool":
                 fail(i, "more tool messages than the assistant's tool_calls" if calls else
                      "a tool message must answer a tool call of the assistant message before it")
@@ -214,7 +212,7 @@ def conversation_turns(conv: Any, *, source: str | None = None) -> list[Turn]:
             break
         if not parts:
             fail(first, "empty assistant message")
-        turns.append(Turn("assistant", parts, open=is_open))
+        turns.append(Turn("assistant", parts, open=msgs[i - 1]["role"] == "tool"))
     return turns
 
 

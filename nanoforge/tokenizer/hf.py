@@ -7,6 +7,14 @@ The BPE model is rebuilt from the ranks, one merge per token (the merge whose ha
 tokens of lower rank), with `ignore_merges` so a piece that is itself a token maps to it, as in tiktoken.
 Special tokens are registered as special added tokens but `split_special_tokens: true` in the config makes
 `<|bos|>` inside text plain text, matching our `encode` default.
+
+With `chat=True` (a chat model's export) the folder also gets the Jinja chat template of
+tokenizer/chat_template.jinja, so `apply_chat_template` gives `render_conversation`'s ids. The template's own
+control tokens must be parsed, so such a tokenizer parses special-token strings (`split_special_tokens:
+false`); the template escapes them in message text ("<|" → "<\ue000|", "\ue000" → "\ue000\ue001") and a
+normalizer undoes the escape after special tokens were matched, so typed specials still encode as text. The
+price: plain `tokenizer(text)` on such an export parses specials in `text`, and the two private-use sequences
+"<\ue000|" and "\ue000\ue001" are rewritten in any input.
 """
 
 from __future__ import annotations
@@ -101,12 +109,40 @@ def with_bos_post_processor(hf_json: str, bos: str, bos_id: int) -> str:
 
 
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+ESCAPE, ESCAPE2 = "\ue000", "\ue001"
+# Undoes the template's escape after special tokens are matched (added tokens are matched on the raw text).
+CHAT_NORMALIZERS = [{"type": "Replace", "pattern": {"String": "<" + ESCAPE + "|"}, "content": "<|"},
+                    {"type": "Replace", "pattern": {"String": ESCAPE + ESCAPE2}, "content": ESCAPE}]
 
 
-def export_hf(tok: Tokenizer, out_dir: str | os.PathLike, *, force: bool = True) -> Path:
+def chat_template() -> str:
+    """The Jinja chat template of nanoforge's chat format (the same ids as tokenizer/chat.py renders)."""
+    return (Path(__file__).parent / "chat_template.jinja").read_text(encoding="utf-8")
+
+
+def _with_chat_normalizer(d: dict[str, Any]) -> dict[str, Any]:
+    from nanoforge.tokenizer.chat import CHAT_SPECIALS
+
+    for t in d.get("added_tokens") or []:
+        if t.get("content") in CHAT_SPECIALS:
+            t["normalized"] = False  # matched on the raw text, before the escape is undone
+    norm = d.get("normalizer")
+    d["normalizer"] = {"type": "Sequence", "normalizers": [*CHAT_NORMALIZERS, *([norm] if norm else [])]}
+    return d
+
+
+def export_hf(tok: Tokenizer, out_dir: str | os.PathLike, *, force: bool = True, chat: bool = False) -> Path:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`, each file
     atomically; other files there (a model's weights, say) are left alone. With force=False a folder that
-    already holds one of those files is refused."""
+    already holds one of those files is refused. `chat=True` adds the chat template (tokenizer_config.json's
+    `chat_template` and chat_template.jinja); refused for a tokenizer without the nine chat specials."""
+    if chat:
+        from nanoforge.tokenizer.chat import CHAT_SPECIALS
+
+        missing = [s for s in CHAT_SPECIALS if s not in tok.special_tokens]
+        if missing:
+            raise UserError(f"tokenizer {tok.name} lacks the chat special tokens {', '.join(missing)}: "
+                            "no chat template can be written for it")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a folder")
@@ -117,17 +153,22 @@ def export_hf(tok: Tokenizer, out_dir: str | os.PathLike, *, force: bool = True)
     bos = next((s for s, i in tok.special_tokens.items() if i == tok.bos_id), None)
     eos = next((s for s, i in tok.special_tokens.items() if i == tok.eos_id), None)
     if tok.engine == "tiktoken":
-        text = json.dumps(tokenizer_json_from_ranks(tok.ranks, tok.pattern, tok.special_tokens, bos),
-                          ensure_ascii=False)
+        d = tokenizer_json_from_ranks(tok.ranks, tok.pattern, tok.special_tokens, bos)
     else:
-        text = tok._hf_json
+        d = json.loads(tok._hf_json)
+    if chat:
+        d = _with_chat_normalizer(d)
+    text = json.dumps(d, ensure_ascii=False) if chat or tok.engine == "tiktoken" else tok._hf_json
     atomic_write_text(out / "tokenizer.json", text)
     specials = {"bos_token": bos, "eos_token": eos, "pad_token": eos}
     specials = {k: v for k, v in specials.items() if v is not None}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000_000,
-              "clean_up_tokenization_spaces": False, "split_special_tokens": True,
+              "clean_up_tokenization_spaces": False, "split_special_tokens": not chat,
               "add_bos_token": False, "add_eos_token": False, **specials,
               "additional_special_tokens": [s for s in tok.special_tokens if s not in specials.values()]}
+    if chat:
+        config["chat_template"] = chat_template()
+        atomic_write_text(out / "chat_template.jinja", config["chat_template"])
     atomic_write_json(out / "tokenizer_config.json", config)
     atomic_write_json(out / "special_tokens_map.json", specials)
     return out

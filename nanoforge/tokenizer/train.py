@@ -23,7 +23,7 @@ from typing import Any
 from nanoforge import __version__, progress
 from nanoforge.data.corpus import iter_file, list_files
 from nanoforge.errors import UserError
-from nanoforge.home import atomic_dir, tokenizer_dir
+from nanoforge.home import atomic_dir, lock, tokenizer_dir
 from nanoforge.tokenizer.core import (
     BOS,
     GPT2_PATTERN,
@@ -85,34 +85,35 @@ def train_tokenizer(data: str | os.PathLike | Sequence[str | os.PathLike], *, vo
         raise UserError("give the tokenizer a --name (or an --out folder)")
     dest = Path(out) if out is not None else tokenizer_dir(name)
     name = name or dest.name
-    if dest.exists() and not force:
-        raise UserError(f"tokenizer {dest} already exists (use --force to replace it)")
-    list_files(data)  # fail fast on a missing or empty data path
-    progress.log(f"training a {backend} tokenizer with vocab size {vocab_size:,}")
-    stats = _Stats()
-    texts = iter_training_texts(data, max_chars=max_chars, doc_cap=doc_cap, stats=stats)
-    t0 = time.perf_counter()
-    with atomic_dir(dest, force=force, what="tokenizer") as tmp:
-        if backend == "rustbpe":
-            tok_args = _train_rustbpe(texts, vocab_size)
-        elif backend == "python":
-            tok_args = _train_python(texts, vocab_size)
-        else:
-            tok_args = _train_neox(texts, vocab_size, compat=neox_compat)
-        seconds = time.perf_counter() - t0
-        if stats.chars == 0:
-            raise UserError(f"no text in {data}: every document is empty")
-        training = {"backend": backend, "vocab_size": vocab_size, "neox_compat": neox_compat if backend == "neox" else None,
-                    "data": [str(p) for p in list_files(data)], "max_chars": max_chars, "doc_cap": doc_cap,
-                    "documents": stats.docs, "characters": stats.chars, "seconds": round(seconds, 3),
-                    "nanoforge_version": __version__}
-        tok = _build(tok_args, name=name, training=training)
-        tok.save(tmp)
-        export_hf(tok, tmp / "hf")
-    progress.log(f"trained in {seconds:.2f}s on {stats.docs:,} documents ({stats.chars:,} characters)")
-    progress.log(f"final vocab size: {tok.vocab_size:,}")
-    progress.log(f"saved tokenizer to {dest}")
-    return dest
+    with lock(dest, "tokenizer"):  # held from the start: a second training of this name stops now
+        if dest.exists() and not force:
+            raise UserError(f"tokenizer {dest} already exists (use --force to replace it)")
+        list_files(data)  # fail fast on a missing or empty data path
+        progress.log(f"training a {backend} tokenizer with vocab size {vocab_size:,}")
+        stats = _Stats()
+        texts = iter_training_texts(data, max_chars=max_chars, doc_cap=doc_cap, stats=stats)
+        t0 = time.perf_counter()
+        with atomic_dir(dest, force=force, what="tokenizer") as tmp:
+            if backend == "rustbpe":
+                tok_args = _train_rustbpe(texts, vocab_size)
+            elif backend == "python":
+                tok_args = _train_python(texts, vocab_size)
+            else:
+                tok_args = _train_neox(texts, vocab_size, compat=neox_compat)
+            seconds = time.perf_counter() - t0
+            if stats.chars == 0:
+                raise UserError(f"no text in {data}: every document is empty")
+            training = {"backend": backend, "vocab_size": vocab_size, "neox_compat": neox_compat if backend == "neox" else None,
+                        "data": [str(p) for p in list_files(data)], "max_chars": max_chars, "doc_cap": doc_cap,
+                        "documents": stats.docs, "characters": stats.chars, "seconds": round(seconds, 3),
+                        "nanoforge_version": __version__}
+            tok = _build(tok_args, name=name, training=training)
+            tok.save(tmp)
+            export_hf(tok, tmp / "hf")
+        progress.log(f"trained in {seconds:.2f}s on {stats.docs:,} documents ({stats.chars:,} characters)")
+        progress.log(f"final vocab size: {tok.vocab_size:,}")
+        progress.log(f"saved tokenizer to {dest}")
+        return dest
 
 
 def _build(args: dict[str, Any], *, name: str, training: dict[str, Any]) -> Tokenizer:
