@@ -247,3 +247,19 @@ def test_greedy_equals_transformers_generate_on_the_export(loaded: tuple, tmp_pa
         ref = hf.generate(torch.tensor([p]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
                           pad_token_id=0)[0, len(p):].tolist()
         assert c.ids == ref
+
+
+@pytest.mark.parametrize("options", [{"mlp": "relu2", "qk_norm": True, "embed_norm": True, "norm_weights": False,
+                                      "logit_softcap": 15.0}, {"qkv_bias": True}])
+def test_model_options_decode_in_batches_as_recomputed(options: dict) -> None:
+    from nanoforge.model import LLaMA, ModelConfig
+
+    torch.manual_seed(0)
+    model = LLaMA(ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
+                              vocab_size=300, max_seq_len=128, **options))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    prompts = [[1, 5, 9, 200], [7, 8], [3, 4, 5, 6, 7, 8, 9]]
+    out = Engine(model, None).generate(prompts, SamplingParams(max_tokens=8, stop_token_ids=()))
+    assert [c.ids for c in out] == [_greedy_recompute(model, p, 8) for p in prompts]
