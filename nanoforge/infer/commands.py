@@ -19,6 +19,8 @@ def _sampling_flags(p: argparse.ArgumentParser, *, temperature: float, top_k: in
     p.add_argument("--max-new-tokens", type=int, default=max_new)
     p.add_argument("--tokenizer", default=None, help="override the tokenizer named in the checkpoint meta")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is often fastest for small models on a busy CPU)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _params(args: argparse.Namespace, stop=None, stop_token_ids=None):
+    """The sampling parameters of the flags (checked before anything loads); applies --threads."""
     from nanoforge.infer.engine import SamplingParams
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                           max_tokens=args.max_new_tokens, stop=tuple(stop or ()), stop_token_ids=stop_token_ids)
