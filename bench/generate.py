@@ -106,8 +106,8 @@ def run_hf(hf: torch.nn.Module, prompts: list[list[int]], n: int, pad: int) -> t
     x = torch.tensor(prompts)
     t0 = now()
     with torch.no_grad():
-        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=pad, streamer=clock)
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                          pad_token_id=pad, streamer=clock)
     return _rates(t0, clock.times[1], clock.times[-1], len(prompts), n), out[:, x.shape[1]:].tolist()
 
 
@@ -163,6 +163,7 @@ def main() -> None:
         export = export_hf(ckpt, root / "hf", force=True)
         model, tok, _ = load_checkpoint(ckpt)
         hf = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+        hf.generation_config.eos_token_id = None  # exactly n tokens each side (min_new_tokens would forbid EOS ids)
         ctx = model.config.max_seq_len
         if args.prompt_tokens + args.new_tokens > ctx:
             sys.exit(f"error: prompt + new tokens ({args.prompt_tokens + args.new_tokens}) exceed the context {ctx}")
