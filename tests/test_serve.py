@@ -364,3 +364,30 @@ def test_default_discovery_exports_and_a_bounded_number_of_loaded_models(models,
         state = http("GET", url + "/health")[1]["models"]
         assert state["export/tiny"]["loaded"] and not state["base/tiny"]["loaded"]
     pool.close()
+
+
+def test_an_engine_failure_mid_stream_is_an_error_event_and_the_next_request_is_served(models):
+    from nanoforge.infer.models import ModelPool, default_engine, discover
+    from nanoforge.infer.server import create_app, run_in_thread
+
+    class Flaky(GatedEngine):
+        fail = True
+
+        def step(self):
+            out = self.engine.step()
+            if Flaky.fail and self.engine.has_work():
+                Flaky.fail = False
+                raise RuntimeError("out of memory")
+            return out
+
+    pool = ModelPool(discover([str(models["sft/chat"])]), device="cpu",
+                     engine_factory=lambda m, t, b: Flaky(default_engine(m, t, b)))
+    with run_in_thread(create_app(pool)) as url:
+        c = client(url)
+        with pytest.raises(openai.APIError) as e:
+            for _ in c.chat.completions.create(model="sft/chat", messages=CONV, max_tokens=20, stream=True):
+                pass
+        assert "out of memory" in e.value.message
+        r = c.chat.completions.create(model="sft/chat", messages=CONV, max_tokens=5, temperature=0)
+        assert r.usage.completion_tokens > 0
+    pool.close()

@@ -163,6 +163,18 @@ def test_web_ui_in_chromium(browser, tmp_path: Path, nanoforge_home: Path):
         assert page.locator("#conversations li").count() == n_convs == 2
         assert page.locator(".bubble.assistant details.tool").count() == 1
 
+        # --- edit a message (the reply after it is regenerated), then regenerate the last reply
+        page.locator(".msg.user .edit").nth(1).click()
+        page.fill(".edit-box", "show me again")
+        page.click(".save-edit")
+        wait_idle()
+        msgs = next(c for c in stored() if c["id"] == page.evaluate("JSON.parse(localStorage.getItem('nanoforge.current'))"))["messages"]
+        assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+        assert msgs[2]["content"] == "show me again" and "so the answer is 5." in msgs[3]["content"]
+        last_reply().locator(".regen").click()
+        wait_idle()
+        assert page.locator(".msg").count() == 4 and page.locator(".bubble.assistant details.tool").count() == 1
+
         # --- side by side streams two replies, each with its stats
         page.click("[data-tab=compare]")
         panes = page.locator("#tab-compare .pane")

@@ -261,6 +261,13 @@ class ModelPool:
         progress.log(f"serve: unloaded {victim.served.id}")
         return True
 
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per model: loaded, loading, and (when loaded) active / waiting requests and slots."""
+        with self._lock:
+            loaded, loading = dict(self._loaded), set(self._loading)
+        return {mid: {"loaded": mid in loaded, "loading": mid in loading,
+                      **(loaded[mid].worker.load() if mid in loaded else {})} for mid in self.models}
+
     def tokenizer(self, model_id: str) -> Any:
         """The model's tokenizer, without loading the model's weights."""
         from nanoforge.tokenizer import Tokenizer

@@ -267,12 +267,7 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, limits: ServeLimi
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        models = {}
-        for mid in pool.models:
-            lm = pool._loaded.get(mid)
-            models[mid] = {"loaded": lm is not None, "loading": mid in pool.loading(),
-                           **(lm.worker.load() if lm else {})}
-        return {"status": "ok", "models": models}
+        return {"status": "ok", "models": pool.status()}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
