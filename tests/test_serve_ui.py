@@ -203,6 +203,19 @@ def test_web_ui_in_chromium(browser, tmp_path: Path, nanoforge_home: Path):
         for d in shots:
             page.screenshot(path=str(d / "serve-tokenizer.png"))
         page.click("[data-tab=chat]")
+
+        # --- a server with an API key: the page says so, and works once the key is set
+        with run_in_thread(create_app(pool, api_key="k3y")) as keyed:
+            p2 = ctx.new_page()
+            p2.goto(keyed + "/")
+            p2.wait_for_function("!document.querySelector('#banner').hidden")
+            assert "API key" in p2.inner_text("#banner")
+            p2.click("#settings-toggle")
+            p2.fill("#api_key", "k3y")
+            p2.dispatch_event("#api_key", "change")
+            p2.wait_for_function("document.querySelectorAll('#model option').length === 3")
+            assert p2.locator("#banner").is_hidden()
+            p2.close()
     pool.close()
 
     # --- the server is gone: a clear message, no crash

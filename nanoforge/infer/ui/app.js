@@ -475,6 +475,7 @@ function init() {
     document.documentElement.dataset.theme = t;
     store.set("theme", t);
   };
+  $("#api_key").addEventListener("change", () => { banner(""); loadModels().then(renderAll); });
   $("#settings-toggle").onclick = () => { $("#settings").hidden = !$("#settings").hidden; };
   $("#new-chat").onclick = newChat;
   $("#tabs").onclick = (e) => { if (e.target.dataset.tab) showTab(e.target.dataset.tab); };
