@@ -179,6 +179,10 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, limits: ServeLimi
             run.cancel()
             raise P.APIError(429, f"the server is busy ({e}); try again shortly", code="queue_full",
                              headers={"Retry-After": "1"}) from None
+        except RuntimeError:  # unloaded between acquire and submit to make room for another model
+            run.cancel()
+            raise P.APIError(503, f"model {lm.served.id} was just unloaded; try again", code="model_loading",
+                             headers={"Retry-After": "1"}) from None
 
     def timing_of(tickets: list[Any]) -> dict[str, Any]:
         q, pm, gm = (max(t.timing()[k] for t in tickets) for k in range(3))
