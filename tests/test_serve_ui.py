@@ -88,6 +88,10 @@ def test_web_ui_in_chromium(browser, tmp_path: Path, nanoforge_home: Path):
         page.fill("#temperature", "0")
         page.dispatch_event("#max_tokens", "change")
         page.select_option("#model", "sft/chat")
+        page.fill("#input", "Wie groß ist")
+        page.press("#input", "Shift+Enter")  # a new line, not a send
+        page.type("#input", "der Baum?")
+        assert page.input_value("#input") == "Wie groß ist\nder Baum?" and page.locator(".msg").count() == 0
         page.fill("#input", "Wie groß ist der Baum?")
         page.press("#input", "Enter")
         wait_idle()
@@ -199,7 +203,9 @@ def test_web_ui_in_chromium(browser, tmp_path: Path, nanoforge_home: Path):
             assert tp.nth(i).locator(".tok-view span").count() == len(expect[i])
             assert tp.nth(i).locator(".tok-count").inner_text().startswith(f"{len(expect[i])} tokens")
         assert len(expect[0]) != len(expect[1])
+        theme = page.evaluate("document.documentElement.dataset.theme")
         page.click("#theme")
+        assert page.evaluate("document.documentElement.dataset.theme") == {"light": "dark", "dark": "light"}[theme]
         for d in shots:
             page.screenshot(path=str(d / "serve-tokenizer.png"))
         page.click("[data-tab=chat]")
