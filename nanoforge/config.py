@@ -64,7 +64,7 @@ class TrainSection:
     keep_last: int = 2             # checkpoints kept besides the best
     seed: int = 1337
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"            # auto (bf16 autocast on CUDA, else float32) | float32 | bfloat16
+    dtype: str = "auto"            # auto (bf16 autocast on CUDA and on CPUs with fast bf16 products) | float32 | bfloat16
     compile: str = "auto"          # auto (on CUDA) | true | false
     parallel: str = "ddp"          # ddp | fsdp (under torchrun)
     tensorboard: bool = False
@@ -75,6 +75,17 @@ class TrainSection:
 class DataSection:
     layout: str = "packed"         # packed | bos_aligned | unpacked
     val_docs: int = 200
+
+
+@dataclass
+class SftSection:
+    """[sft]: mid-training and supervised fine-tuning on conversations (`nanoforge train mid|sft`)."""
+
+    epochs: float = 1.0            # passes over the training conversations when train.max_steps = 0
+    learn: str = "assistant"       # assistant: the rendered mask (assistant turns) | all: every token (mid)
+    buffer_size: int = 100         # conversations the best-fit packer chooses a row's next one from
+    lr_scale: float = 1.0          # multiplies the --from checkpoint's learning rates (train.* set here win)
+    val_conversations: int = 200   # held out of --data when neither --val nor a val/ split is given
 
 
 @dataclass
@@ -93,14 +104,44 @@ class EvalSection:
     max_new_tokens: int = 32
 
 
+@dataclass
+class RLSection:
+    """[rl]: `nanoforge train rl`, policy gradient with a group baseline (nanoforge/train/rl.py). The
+    optimizer, schedule, clipping, batch and evaluation cadence are train.* (presets/phases/rl.toml)."""
+
+    data: str = ""                 # chat data with `#### n` answers; "" = the default chat data's arithmetic
+    max_steps: int = 30            # when train.max_steps = 0
+    prompts_per_step: int = 4      # per process
+    group_size: int = 8            # completions sampled per prompt
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0                 # 0 = the whole vocabulary
+    lr_scale: float = 0.1          # multiplies the --from checkpoint's learning rates (train.* set here win)
+    kl_coef: float = 0.0           # > 0: k3 KL penalty to the starting model
+    normalize_std: bool = False    # advantages divided by the group's standard deviation
+    format_reward: float = 0.0     # reward for a wrong answer that still has the `#### n` form
+    eval_prompts: int = 64         # held-out prompts for pass@1 / pass@k (every train.eval_every steps)
+    eval_samples: int = 4          # k of pass@k (samples per held-out prompt)
+
+
+@dataclass
+class SpeedrunSection:
+    until: str = "rl"              # base | sft | rl: the last training stage of `nanoforge speedrun`
+    chat_data: str = ""            # SFT data of the speedrun; "" = the offline default chat data
+    chat_eval_limit: int = 0       # held-out prompts per chat task (0 = all)
+
+
 SECTIONS: dict[str, type] = {"model": ModelSection, "train": TrainSection, "data": DataSection,
-                             "tokenizer": TokenizerSection, "eval": EvalSection}
+                             "tokenizer": TokenizerSection, "eval": EvalSection, "sft": SftSection,
+                             "rl": RLSection, "speedrun": SpeedrunSection}
 CHOICES = {("train", "optimizer"): ("adamw", "muon"),
            ("train", "schedule"): ("cosine", "linear", "wsd", "constant"),
            ("train", "dtype"): ("auto", "float32", "bfloat16"),
            ("train", "compile"): ("auto", "true", "false"),
            ("train", "parallel"): ("ddp", "fsdp"),
+           ("speedrun", "until"): ("base", "sft", "rl"),
            ("data", "layout"): ("packed", "bos_aligned", "unpacked"),
+           ("sft", "learn"): ("assistant", "all"),
            ("tokenizer", "backend"): ("rustbpe", "neox", "python")}
 _DEPTH_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
 
@@ -112,6 +153,9 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    sft: SftSection = field(default_factory=SftSection)
+    rl: RLSection = field(default_factory=RLSection)
+    speedrun: SpeedrunSection = field(default_factory=SpeedrunSection)
     preset: str = ""
 
     def model_config(self) -> ModelConfig:
@@ -190,6 +234,28 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
     return cfg
 
 
+def apply_layers(cfg: RunConfig, layers: list[tuple[str | Path, str]] = (),
+                 overrides: list[str] | tuple[str, ...] = ()) -> set[tuple[str, str]]:
+    """Apply TOML files [(path, what)] and then `section.key=value` overrides onto `cfg` in place (no depth
+    derivation, not validated); returns the (section, key) pairs they set. The chat stages start from a
+    base checkpoint's resolved config and put their phase defaults and the user's settings on top."""
+    touched: set[tuple[str, str]] = set()
+    for path, where in layers:
+        for section, values in _read_toml(Path(path)).items():
+            if section == "preset":
+                continue
+            if section not in SECTIONS or not isinstance(values, dict):
+                raise UserError(f"{where}: unknown section '{section}'; valid sections: {', '.join(SECTIONS)}")
+            for key, value in values.items():
+                _set(cfg, section, key, value, where)
+                touched.add((section, key))
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        _set(cfg, section, key, value, f"--set {item}")
+        touched.add((section, key))
+    return touched
+
+
 def validate(cfg: RunConfig) -> None:
     for (section, key), choices in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
@@ -205,6 +271,17 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.lr must be positive, got {t.lr}")
     if t.warmup_steps < 0:
         raise UserError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    if cfg.sft.epochs <= 0 or cfg.sft.buffer_size < 1 or cfg.sft.lr_scale <= 0 or cfg.sft.val_conversations < 0:
+        raise UserError(f"sft.epochs and sft.lr_scale must be positive, sft.buffer_size >= 1 and "
+                        f"sft.val_conversations >= 0; got {cfg.sft.epochs}, {cfg.sft.lr_scale}, "
+                        f"{cfg.sft.buffer_size}, {cfg.sft.val_conversations}")
+    r = cfg.rl
+    for key in ("max_steps", "prompts_per_step", "group_size", "max_new_tokens", "eval_prompts", "eval_samples"):
+        if getattr(r, key) <= 0:
+            raise UserError(f"rl.{key} must be positive, got {getattr(r, key)}")
+    if r.lr_scale <= 0 or r.temperature < 0 or r.kl_coef < 0 or r.format_reward < 0:
+        raise UserError(f"rl.lr_scale must be positive and rl.temperature, rl.kl_coef, rl.format_reward >= 0; got "
+                        f"{r.lr_scale}, {r.temperature}, {r.kl_coef}, {r.format_reward}")
     cfg.model_config()  # ModelConfig validates the shape
 
 

@@ -38,6 +38,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=_tasks)
 
+    ch = subparser(esub, "chat", "chat tasks asked in the chat format: categorical multiple choice, generation "
+                   "with tools, ChatCORE", "nanoforge eval chat demo --tasks arithmetic_chat --limit 100")
+    ch.add_argument("checkpoint", nargs="?")
+    ch.add_argument("--tasks", nargs="+", default=[], metavar="NAME_OR_YAML")
+    ch.add_argument("--list", action="store_true", help="list the bundled chat tasks")
+    ch.add_argument("--limit", type=int, default=None, help="first N documents of each task")
+    ch.add_argument("--tokenizer", default=None, help="override the tokenizer named in the checkpoint meta")
+    ch.add_argument("--device", default="cpu")
+    ch.add_argument("--batch-size", type=int, default=16, help="questions per forward / rows generated together")
+    ch.add_argument("--max-new-tokens", type=int, default=None, help="override generation_kwargs.max_gen_toks")
+    ch.add_argument("--out", default=None, help="write the results JSON (lm-eval's layout) here")
+    ch.add_argument("--json", action="store_true")
+    ch.set_defaults(func=_chat)
+
     c = subparser(esub, "compare", "one table of several results (ours or lm-eval's JSON): best in bold, Avg",
                   "nanoforge eval compare a.json b.json --format md --stderr")
     c.add_argument("results", nargs="+", help="results JSON files (or lm-eval --output_path folders)")
@@ -99,6 +113,39 @@ def _tasks(args: argparse.Namespace) -> int:
             se = row.get(f"{metric}_stderr,{filt}")
             name = metric if filt == "none" else f"{metric} ({filt})"
             print(f"{task:<20} {name:<30} {v:.4f} ± {se:.4f}   n={n}  {eps:.1f} examples/s")
+    if args.out:
+        print(f"results: {args.out}")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from nanoforge.errors import UserError
+    from nanoforge.eval.chat import eval_chat, list_chat_tasks
+
+    if args.list:
+        rows = list_chat_tasks()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                print(f"{r['task']:<20} {r['output_type']:<16} {r['about']}")
+        return 0
+    if not args.checkpoint or not args.tasks:
+        raise UserError("give a CHECKPOINT and --tasks NAME_OR_YAML... (see `nanoforge eval chat --list`)")
+    report = eval_chat(args.checkpoint, args.tasks, limit=args.limit, out=args.out, tokenizer=args.tokenizer,
+                       device=args.device, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for task, row in report["results"].items():
+        n = report["n-samples"].get(task, {}).get("effective")
+        for key, v in row.items():
+            if key == "alias" or "_stderr" in key:
+                continue
+            metric, filt = key.split(",", 1)
+            se = row.get(f"{metric}_stderr,{filt}")
+            name = metric if filt == "none" else f"{metric} ({filt})"
+            print(f"{task:<20} {name:<30} {v:.4f}" + (f" ± {se:.4f}   n={n}" if se is not None else ""))
     if args.out:
         print(f"results: {args.out}")
     return 0

@@ -8,6 +8,7 @@
     [axes]
     "tokenizer.backend" = ["rustbpe", "neox"]
     "train.lr" = [6e-4, 4e-4]
+    "rl.group_size" = [4, 8]              # chat-stage keys (sft.*, rl.*) are axes like any other
 
 Every cell (the product of the axes, in file order) is a speedrun named `<grid>--<cell>`; stages that cells
 share (same corpus, same tokenizer settings) are made once, because stage outputs are keyed by the
@@ -173,6 +174,17 @@ def comparison_table(results: list[dict[str, Any]], axis_keys: list[str]) -> dic
         if s.get("tasks"):
             values["Avg"] = sum(s["tasks"].values()) / len(s["tasks"])
             metric_cols.setdefault("Avg", True)
+        chat = s.get("chat_eval") or {}
+        final = next((m for m in ("rl", "sft") if m in chat), None)
+        for k, v in (chat.get(final) or {}).items():  # the chat model the cell ends with
+            if _finite(v):
+                values[f"chat {k}"] = float(v)
+                metric_cols.setdefault(f"chat {k}", True)
+        if _finite(s.get("rl_pass1_after")):
+            values["RL pass@1"] = float(s["rl_pass1_after"])
+            metric_cols.setdefault("RL pass@1", True)
+            if _finite(s.get("rl_pass1_stderr_after")):
+                errs["RL pass@1"] = float(s["rl_pass1_stderr_after"])
         rows.append({"cell": res["name"], "values": {k: res["values"][k] for k in axis_keys}, "metrics": values,
                      "stderr": errs})
     # tasks and Avg at the end, as in the German nano overview

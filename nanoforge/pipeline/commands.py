@@ -10,8 +10,8 @@ from nanoforge.cli import subparser
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = subparser(sub, "speedrun", "text -> tokenizer -> tokens -> pretrained, evaluated, exported model + report",
-                  "nanoforge speedrun --preset cpu-demo --data ../shared/corpus/de")
+    p = subparser(sub, "speedrun", "text -> tokenizer -> tokens -> base model -> SFT -> RL chat model, evaluated, exported + report",
+                  "nanoforge speedrun --preset cpu-demo --data ../shared/corpus/de --until sft")
     p.add_argument("--preset", default="cpu-demo", help="config preset (nanoforge/presets/*.toml)")
     p.add_argument("--config", default=None, help="a TOML config file applied over the preset")
     p.add_argument("--data", default=None,
@@ -21,8 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run name (runs/<NAME>); default derived from preset and data. Under torchrun write "
                         "--name: torchrun takes --run for an abbreviation of its own --run-path")
     p.add_argument("--fresh", action="store_true", help="redo every stage even when its outputs are up to date")
+    p.add_argument("--until", choices=("base", "sft", "rl"), default=None,
+                   help="the last training stage: base (pretraining only), sft or rl; default: the preset's "
+                        "speedrun.until (rl for cpu-demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. train.max_steps=50 (repeatable)")
+                   help="config override, e.g. train.max_steps=50 or rl.group_size=16 (repeatable)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_speedrun)
 
@@ -42,7 +45,7 @@ def _speedrun(args: Any) -> int:
     from nanoforge.pipeline.speedrun import speedrun
 
     summary = speedrun(args.preset, data=args.data, run=args.run, fresh=args.fresh, overrides=args.overrides,
-                       config=args.config)
+                       config=args.config, until=args.until)
     if args.json:  # otherwise the log already ended with the report's path and a command to try the model
         print(json.dumps(summary, indent=2))
     return 0

@@ -21,12 +21,15 @@ from nanoforge import __version__, home
 
 
 def write_report(runner: Any, cfg: Any, data: str | None) -> dict[str, Any]:
-    """Write report.md, report.html, plots/ and summary.json for the stages in `runner.results`."""
+    """Write report.md, report.html, plots/ and summary.json for the stages in `runner.results`. The page
+    opens with the headline numbers, the commands to try the model and the curves; details follow and
+    the environment and configuration are folded away (<details>)."""
     run_dir: Path = runner.run_dir
     r = {name: res.result for name, res in runner.results.items()}
     train, ev = r["pretrain"], r["eval"]
     metrics = read_metrics(train["metrics"])
     plots = plot_curves(metrics, run_dir / "plots")
+    chat = chat_report(r, run_dir / "plots")
     mc = cfg.model_config()
     mc.vocab_size = int(r["tokenizer"].get("vocab_size") or mc.vocab_size)
     params = mc.num_params()
@@ -41,6 +44,7 @@ def write_report(runner: Any, cfg: Any, data: str | None) -> dict[str, Any]:
     total = time.perf_counter() - runner.started
     prompt = cfg.eval.prompts[0] if cfg.eval.prompts else "Once upon a time"
     try_cmd = f"nanoforge sample {train.get('checkpoint_dir')} --prompt {shlex.quote(prompt)}"
+    try_cmds = chat["try"] or [try_cmd]
 
     summary = {
         "run": runner.run, "preset": cfg.preset, "data": data or "stdlib docstrings",
@@ -55,7 +59,8 @@ def write_report(runner: Any, cfg: Any, data: str | None) -> dict[str, Any]:
         "tasks": task_scores, "tasks_stderr": _task_scores(tasks, stderr=True), "tasks_avg": (sum(task_scores.values()) / len(task_scores)) if task_scores else None,
         "stage_seconds": {n: round(s, 3) for n, s, _ in stage_rows}, "total_seconds": round(total, 3),
         "checkpoint": train.get("checkpoint_dir"), "export": r.get("export", {}).get("export"),
-        "report": str(run_dir / "report.md"), "try": try_cmd,
+        "report": str(run_dir / "report.md"), "try": try_cmds[0], "try_commands": try_cmds,
+        **chat["summary"],
     }
     summary = _finite_only(summary)
 
@@ -64,21 +69,12 @@ def write_report(runner: Any, cfg: Any, data: str | None) -> dict[str, Any]:
           f"finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
           "## Headline", "", _table(["metric", "value"], [
               ["val bpb (full validation split)", _num(ev.get("val_bpb"))],
-              ["final training loss", _num(train.get("loss"))],
+              ["final training loss", _num(train.get("loss"))], *chat["headline"],
               ["parameters", f"{params:,}"], ["steps", f"{steps:,}"], ["tokens trained", f"{tokens_trained:,}"],
               ["total time", _dur(total)]]), "",
-          "## Hardware and software", "", _table(["", ""], [[k, v] for k, v in environment().items()]), "",
-          "## Configuration", "", "```toml", cfg.to_toml().strip(), "```", "",
-          "## Tokenizer", "", tokenizer_section(r), "",
-          "## Model", "", _table(["", ""], [
-              ["parameters (all)", f"{params:,}"], ["parameters (without embeddings)", f"{mc.num_params(False):,}"],
-              ["training FLOPs per token", f"{flops_per_token:,}"],
-              ["training FLOPs (total)", f"{flops_per_token * tokens_trained:.3e}"]]), "",
-          "## Training", "", _table(["", ""], [
-              ["tokens/s (mean)", _num(summary.get("tokens_per_second"), 0)],
-              ["MFU (mean)", f"{100 * summary['mfu']:.2f}%" if "mfu" in summary else "n/a"],
-              ["checkpoint", f"`{train.get('checkpoint_dir')}`"]]), ""]
-    for name, png in plots.items():
+          "## Try it", "", "```", *try_cmds, "```", "",
+          "## Curves", ""]
+    for name, png in {**plots, **chat["plots"]}.items():
         md += [f"![{name}](plots/{png.name})", ""]
     md += ["## Evaluation", "", _table(["metric", "value"],
                                        [["val bpb", _num(ev.get("val_bpb"))]]
@@ -87,18 +83,122 @@ def write_report(runner: Any, cfg: Any, data: str | None) -> dict[str, Any]:
            "", "## Samples (greedy)", ""]
     for s in ev.get("samples", []):
         md += [f"- **{_md_escape(s['prompt'])}** → {_md_escape(s['completion'])}"]
-    md += ["", "## Time per stage", "", _table(["stage", "seconds", ""], [
-        [n, f"{s:.1f}", "up to date: skipped (seconds when it was made)" if skipped else ""]
-        for n, s, skipped in stage_rows]
-        + [["total (this invocation)", f"{total:.1f}", ""]]), "",
-        "## Disk used", "", _table(["what", "path", "size"], disk_rows(r, run_dir)), "",
-        "## Try it", "", "```", try_cmd, "```", ""]
+    md += ["", *chat["md"],
+           "## Training", "", _table(["", ""], [
+               ["tokens/s (mean)", _num(summary.get("tokens_per_second"), 0)],
+               ["MFU (mean)", f"{100 * summary['mfu']:.2f}%" if "mfu" in summary else "n/a"],
+               ["checkpoint", f"`{train.get('checkpoint_dir')}`"]]), "",
+           "## Tokenizer", "", tokenizer_section(r), "",
+           "## Model", "", _table(["", ""], [
+               ["parameters (all)", f"{params:,}"], ["parameters (without embeddings)", f"{mc.num_params(False):,}"],
+               ["training FLOPs per token", f"{flops_per_token:,}"],
+               ["training FLOPs (total)", f"{flops_per_token * tokens_trained:.3e}"]]), "",
+           "## Time per stage", "", _table(["stage", "seconds", ""], [
+               [n, f"{s:.1f}", "up to date: skipped (seconds when it was made)" if skipped else ""]
+               for n, s, skipped in stage_rows]
+               + [["total (this invocation)", f"{total:.1f}", ""]]), "",
+           "## Disk used", "", _table(["what", "path", "size"], disk_rows(r, run_dir)), "",
+           "<details><summary>Hardware, software and configuration</summary>", "",
+           "## Hardware and software", "", _table(["", ""], [[k, v] for k, v in environment().items()]), "",
+           "## Configuration", "", "```toml", cfg.to_toml().strip(), "```", "",
+           "</details>", ""]
     text = "\n".join(md)
     home.atomic_write_text(run_dir / "report.md", text)
     home.atomic_write_text(run_dir / "report.html", markdown_to_html(text, run_dir, title=f"speedrun {runner.run}"))
     home.atomic_write_json(run_dir / "summary.json", summary)
     return {"report": str(run_dir / "report.md"), "html": str(run_dir / "report.html"), "summary": summary,
             "outputs": [str(run_dir / "report.md")]}
+
+
+MODEL_NAMES = {"base": "base", "sft": "SFT", "rl": "RL"}
+
+
+def chat_report(r: dict[str, Any], plots_dir: Path) -> dict[str, Any]:
+    """The chat half of the report from the sft, rl and chat_eval stages (whichever ran): headline rows,
+    curves (SFT loss, RL reward and pass@k), the chat evaluation side by side, sample conversations,
+    the commands to try the model and the summary keys."""
+    out: dict[str, Any] = {"headline": [], "plots": {}, "md": [], "try": [], "summary": {}}
+    sft, rl, ce = r.get("sft"), r.get("rl"), r.get("chat_eval")
+    if not (sft or rl or ce):
+        return out
+    summary = out["summary"]
+    if sft:
+        sft_metrics = read_metrics(sft.get("metrics", ""))
+        out["plots"].update(plot_curves(sft_metrics, plots_dir, CHAT_CURVES["sft"]))
+        summary["sft_steps"], summary["sft_loss"] = sft.get("step"), sft.get("loss")
+        summary["sft_val_loss"] = sft.get("val_loss")
+        summary["sft_checkpoint"] = sft.get("checkpoint_dir")
+        out["headline"].append(["SFT: final training loss", _num(sft.get("loss"))])
+        if _finite(sft.get("val_loss")):
+            out["headline"].append(["SFT: held-out conversation loss", _num(sft.get("val_loss"))])
+    if rl:
+        rl_metrics = read_metrics(rl.get("metrics", ""))
+        k = rl.get("k", 1)
+        out["plots"].update(plot_curves(rl_metrics, plots_dir, CHAT_CURVES["rl"] + [
+            (f"pass@{k}", f"RL: held-out pass@{k}", "rl_pass_k.png")] if k > 1 else CHAT_CURVES["rl"]))
+        summary.update({"rl_steps": rl.get("step"), "rl_checkpoint": rl.get("checkpoint_dir"),
+                        "rl_pass1_before": rl.get("pass@1_start"), "rl_pass1_after": rl.get("pass@1"),
+                        "rl_pass1_stderr_before": rl.get("pass@1_stderr_start"),
+                        "rl_pass1_stderr_after": rl.get("pass@1_stderr"),
+                        "rl_reward_curve": [m["reward_mean"] for m in rl_metrics if _finite(m.get("reward_mean"))]})
+        out["headline"].append(["RL: held-out arithmetic pass@1, before → after",
+                                f"{_pm(rl.get('pass@1_start'), rl.get('pass@1_stderr_start'))} → "
+                                f"{_pm(rl.get('pass@1'), rl.get('pass@1_stderr'))}"])
+    out["md"] += ["## Chat", ""]
+    if ce:
+        models = [m for m in ("base", "sft", "rl") if m in (ce.get("models") or {})]
+        scores = {m: ce["models"][m] for m in models}
+        errs = ce.get("stderr") or {}
+        tasks = sorted({t for m in models for t in scores[m]})
+        rows = [[t] + [_pm(scores[m].get(t), (errs.get(m) or {}).get(t)) for m in models] for t in tasks]
+        summary["chat_eval"] = scores
+        out["md"] += ["Chat evaluation (held-out splits of the chat data; ± one standard error):", "",
+                      _table(["task"] + [MODEL_NAMES[m] for m in models], rows), ""]
+    if sft:
+        out["md"] += [f"SFT: {sft.get('step')} steps from the base model, checkpoint `{sft.get('checkpoint_dir')}`.",
+                      ""]
+    if rl:
+        out["md"] += [f"RL: {rl.get('step')} steps from the SFT model ({rl.get('group_size')} samples per prompt, "
+                      f"reward = exact `#### n` answer), checkpoint `{rl.get('checkpoint_dir')}`; the last steps' "
+                      f"mean reward {_num(rl.get('reward_mean'), 3)}, groups without signal "
+                      f"{_num(rl.get('zero_variance_frac'), 2)}.", ""]
+    samples = (ce or {}).get("samples") or []
+    if samples:
+        out["md"] += ["### Sample conversations (held-out prompts, greedy)", ""]
+        for s in samples:
+            who = MODEL_NAMES.get(s.get("model", ""), s.get("model", ""))
+            for m in s.get("messages", []):
+                out["md"].append(f"- **{m['role']}{f' ({who})' if m['role'] == 'assistant' else ''}:** "
+                                 f"{_md_escape(_text(m.get('content')))}")
+            out["md"].append("")
+    final = (ce or {}).get("final_checkpoint") or (rl or {}).get("checkpoint_dir") or (sft or {}).get("checkpoint_dir")
+    export = ((r.get("export") or {}).get("export"))
+    if final:
+        out["try"] = [f"nanoforge chat {final}", f"nanoforge serve {final}"]
+    if export:
+        out["md"] += [f"The Hugging Face export of the last model (with its chat template) is `{export}`.", ""]
+    return out
+
+
+CHAT_CURVES = {"sft": [("loss", "SFT: training loss", "sft_loss.png"),
+                       ("val_loss", "SFT: held-out loss", "sft_val_loss.png")],
+               "rl": [("reward_mean", "RL: mean reward per step", "rl_reward.png"),
+                      ("pass@1", "RL: held-out pass@1", "rl_pass1.png")]}
+
+
+def _pm(v: Any, err: Any) -> str:
+    if not _finite(v):
+        return "n/a"
+    return f"{v:.3f} ± {err:.3f}" if _finite(err) else f"{v:.3f}"
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(f"[{p.get('type')}: {p.get('text')}]" if p.get("type") in ("python", "python_output")
+                       else str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
 
 
 # --- pieces --------------------------------------------------------------------------------------------
@@ -112,8 +212,13 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_curves(metrics: list[dict[str, Any]], out: Path) -> dict[str, Path]:
-    """loss.png (training loss per step) and val_bpb.png; returns {title: path} of those written."""
+PRETRAIN_CURVES = [("loss", "training loss", "loss.png"), ("val_bpb", "validation bits per byte", "val_bpb.png")]
+
+
+def plot_curves(metrics: list[dict[str, Any]], out: Path,
+                curves: list[tuple[str, str, str]] | None = None) -> dict[str, Path]:
+    """One PNG per (metrics key, title, file name) of `curves` (default: training loss and validation bpb)
+    that has finite values; returns {title: path} of those written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,8 +226,7 @@ def plot_curves(metrics: list[dict[str, Any]], out: Path) -> dict[str, Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     written = {}
-    for key, title, fname in (("loss", "training loss", "loss.png"), ("val_bpb", "validation bits per byte",
-                                                                      "val_bpb.png")):
+    for key, title, fname in curves or PRETRAIN_CURVES:
         pts = [(m["step"], m[key]) for m in metrics if _finite(m.get(key))]
         if not pts:
             continue
@@ -201,6 +305,7 @@ def git_commit() -> str | None:
 def disk_rows(r: dict[str, Any], run_dir: Path) -> list[list[str]]:
     items = [("corpus", r["data"]["corpus"]), ("tokenizer", r["tokenizer"]["path"]),
              ("token shards", r["tokenize"]["tokens"]), ("checkpoints", r["pretrain"].get("checkpoint_dir")),
+             *[(f"{MODEL_NAMES[k]} checkpoints", r[k].get("checkpoint_dir")) for k in ("sft", "rl") if r.get(k)],
              ("Hugging Face export", (r.get("export") or {}).get("export")), ("run folder", str(run_dir))]
     rows = []
     total = 0
@@ -300,7 +405,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def markdown_to_html(text: str, base: Path, title: str = "report") -> str:
     """The small markdown subset our reports use (headings, tables, lists, code blocks, images, bold,
-    code spans) as one HTML page; images are inlined as base64 so the file stands alone."""
+    code spans, and our own `<details><summary>…</summary>` / `</details>` lines) as one HTML page; images
+    are inlined as base64 so the file stands alone; the curves sit two per row."""
     out: list[str] = []
     lines = text.splitlines()
     i = 0
@@ -327,6 +433,10 @@ def markdown_to_html(text: str, base: Path, title: str = "report") -> str:
                 i += 1
             out.append("<ul>" + "".join(items) + "</ul>")
             continue
+        if re.fullmatch(r"<details><summary>[^<>]*</summary>|</details>", line):
+            out.append(line)  # the folded configuration block: passed through as is
+            i += 1
+            continue
         m = re.match(r"(#{1,6}) (.*)", line)
         if m:
             n = len(m.group(1))
@@ -336,7 +446,9 @@ def markdown_to_html(text: str, base: Path, title: str = "report") -> str:
         i += 1
     style = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
-             "text-align:left}pre{background:#f6f6f6;padding:.8em;overflow:auto}img{max-width:100%}")
+             "text-align:left}pre{background:#f6f6f6;padding:.8em;overflow:auto}img{max-width:100%}"
+             "p:has(>img:only-child){display:inline-block;width:49%;margin:0}"
+             "summary{cursor:pointer;font-weight:600;margin:1em 0}")
     return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
 

@@ -4,9 +4,13 @@
     nanoforge speedrun --preset cpu-demo --data ../shared/corpus/de
     nanoforge speedrun --preset nano-125m --data hf:stefan-it/nanochat-german-data:0-7
 
-Stages: data → tokenizer → tokenizer_eval → tokenize → pretrain → eval → export → report. Each is
-skipped when its outputs exist for the same inputs (see stages.py), so an interrupted speedrun continues
-where it stopped (pretraining resumes from its last checkpoint); `fresh=True` redoes everything.
+Stages: data → tokenizer → tokenizer_eval → tokenize → pretrain → eval → sft → rl → chat_eval → export
+→ report. `until` ("base" | "sft" | "rl", default speedrun.until) stops the training earlier; the export
+and the report are of the last model. SFT trains on the offline default chat data (speedrun.chat_data
+names another), RL on its arithmetic problems (rl.data); the chat evaluation scores base, SFT and RL
+models side by side on the held-out chat tasks. Each stage is skipped when its outputs exist for the same
+inputs (see stages.py), so an interrupted speedrun continues where it stopped (training stages resume
+from their last checkpoint); `fresh=True` redoes everything.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +28,16 @@ from nanoforge.config import RunConfig, load_config
 from nanoforge.errors import UserError
 from nanoforge.pipeline.stages import Interrupted, StageRunner, log_to_file
 
-STAGES = ("data", "tokenizer", "tokenizer_eval", "tokenize", "pretrain", "eval", "export", "report")
+BASE_STAGES = ("data", "tokenizer", "tokenizer_eval", "tokenize", "pretrain", "eval")
+CHAT_STAGES = {"base": (), "sft": ("sft", "chat_eval"), "rl": ("sft", "rl", "chat_eval")}
+STAGES = BASE_STAGES + ("export", "report")  # a speedrun --until base
+
+
+def stages(until: str) -> tuple[str, ...]:
+    """The stages a speedrun runs for `until` = base | sft | rl."""
+    if until not in CHAT_STAGES:
+        raise UserError(f"--until must be one of base, sft, rl; got {until!r}")
+    return BASE_STAGES + CHAT_STAGES[until] + ("export", "report")
 # The default corpus is English API documentation: prompts that read like it (the presets' prompts
 # are German, for the German corpus); `--set eval.prompts=[...]` still wins.
 STDLIB_PROMPTS = ["Return a new list of", "This module provides"]
@@ -32,22 +46,46 @@ TOKENIZER_EVAL_DOCS = 200  # documents (the corpus's last) the tokenizer table i
 
 def speedrun(preset: str | None = "cpu-demo", *, data: str | None = None, run: str | None = None,
              fresh: bool = False, overrides: list[str] | tuple[str, ...] = (), config: str | None = None,
-             runner: StageRunner | None = None) -> dict[str, Any]:
+             runner: StageRunner | None = None, until: str | None = None) -> dict[str, Any]:
     """Run every stage for `preset` (+ `config` file, + `section.key=value` overrides) on `data` (a folder
-    or files, `hf:REPO[:SHARDS]`, or None for the stdlib corpus). Returns the summary dict (also written to
-    runs/<run>/summary.json) with `report` pointing at runs/<run>/report.md.
-    Raises Interrupted (exit 130) when pretraining was stopped by a signal; rerunning continues it."""
+    or files, `hf:REPO[:SHARDS]`, or None for the stdlib corpus), training up to `until` (base | sft | rl;
+    default speedrun.until). Returns the summary dict (also written to runs/<run>/summary.json) with
+    `report` pointing at runs/<run>/report.md and `try_commands` (chat and serve the model).
+    Raises Interrupted (exit 130) when a training stage was stopped by a signal; rerunning continues it."""
     cfg = load_config(preset=preset, path=config, overrides=list(overrides))
+    if until is not None:
+        stages(until)
+        cfg.speedrun.until = until
+    phase_sets = {name: phase_overrides(name, preset, config, overrides) for name in ("sft", "rl")}
     if data is None and not any(o.split("=", 1)[0].strip() == "eval.prompts" for o in overrides):
         cfg.eval.prompts = list(STDLIB_PROMPTS)
     run = run or default_run_name(cfg, data)
     runner = runner or StageRunner(run, fresh=fresh, rank=int(os.environ.get("RANK", "0")))
-    runner.total = len(STAGES)
+    runner.total = len(stages(cfg.speedrun.until))
     with log_to_file(runner.run_dir / "log.txt"):
         progress.log(f"speedrun {run}: preset {preset or '-'}, data {data or 'stdlib docstrings'}, "
-                     f"outputs in {runner.run_dir}")
+                     f"until {cfg.speedrun.until}, outputs in {runner.run_dir}")
         home.atomic_write_text(runner.run_dir / "config.toml", cfg.to_toml())
-        return _run_stages(runner, cfg, data)
+        return _run_stages(runner, cfg, data, phase_sets)
+
+
+def phase_overrides(section: str, preset: str | None, config: str | None, overrides: Sequence[str]) -> list[str]:
+    """The `section.key=value` settings that the preset, the config file and the overrides give the [sft] or
+    [rl] section, in that order: what the speedrun passes on to train sft / train rl (whose own phase
+    defaults apply to everything else)."""
+    from nanoforge.config import PRESETS_DIR, _read_toml
+
+    out = []
+    for path in ([PRESETS_DIR / f"{preset}.toml"] if preset else []) + ([Path(config)] if config else []):
+        for key, value in (_read_toml(path).get(section) or {}).items():
+            out.append(f"{section}.{key}={_toml_value(value)}")
+    return out + [o for o in overrides if o.split("=", 1)[0].strip().startswith(f"{section}.")]
+
+
+def _toml_value(v: Any) -> str:
+    import tomli_w
+
+    return tomli_w.dumps({"v": v}).split("=", 1)[1].strip()
 
 
 def default_run_name(cfg: RunConfig, data: str | None) -> str:
@@ -55,7 +93,8 @@ def default_run_name(cfg: RunConfig, data: str | None) -> str:
     return home.slug(f"speedrun-{cfg.preset or 'custom'}-{source or 'data'}")
 
 
-def _run_stages(runner: StageRunner, cfg: RunConfig, data: str | None) -> dict[str, Any]:
+def _run_stages(runner: StageRunner, cfg: RunConfig, data: str | None, phase_sets: dict[str, list[str]]
+                ) -> dict[str, Any]:
     sections = cfg.to_dict()
     run = runner.run
 
@@ -82,9 +121,30 @@ def _run_stages(runner: StageRunner, cfg: RunConfig, data: str | None) -> dict[s
     if runner.rank > 0:
         return {"rank": runner.rank, "checkpoint": train_res.result.get("checkpoint_dir")}
 
-    runner.stage("eval", {"pretrain": train_res.fingerprint, "eval": sections["eval"], "run": run},
-                 lambda fp: _stage_eval(runner, cfg, train_res.result, tokens, tokenizer_path))
-    runner.stage("export", {"pretrain": train_res.fingerprint}, lambda fp: _stage_export(train_res.result, fp))
+    eval_res = runner.stage("eval", {"pretrain": train_res.fingerprint, "eval": sections["eval"], "run": run},
+                            lambda fp: _stage_eval(runner, cfg, train_res.result, tokens, tokenizer_path))
+    del eval_res
+    until = cfg.speedrun.until
+    final = train_res
+    models = {"base": train_res}
+    if until in ("sft", "rl"):
+        chat_data = cfg.speedrun.chat_data or None
+        sft_res = runner.stage("sft", {"pretrain": train_res.fingerprint, "sft": phase_sets["sft"],
+                                       "data": _chat_data_inputs(chat_data)},
+                               lambda fp: _stage_sft(train_res.result, chat_data, phase_sets["sft"], run, fp,
+                                                     runner.fresh))
+        final = models["sft"] = sft_res
+    if until == "rl":
+        rl_res = runner.stage("rl", {"sft": sft_res.fingerprint, "rl": phase_sets["rl"],
+                                     "data": _chat_data_inputs(cfg.rl.data or None)},
+                              lambda fp: _stage_rl(sft_res.result, phase_sets["rl"], run, fp, runner.fresh))
+        final = models["rl"] = rl_res
+    if until in ("sft", "rl"):
+        runner.stage("chat_eval", {"models": {k: v.fingerprint for k, v in models.items()},
+                                   "eval": sections["eval"], "limit": cfg.speedrun.chat_eval_limit, "run": run},
+                     lambda fp: _stage_chat_eval(runner, cfg, {k: v.result for k, v in models.items()}))
+    runner.stage("export", {"pretrain": final.fingerprint} if final is train_res else {"model": final.fingerprint},
+                 lambda fp: _stage_export(final.result, fp))
 
     from nanoforge.pipeline.report import write_report
 
@@ -92,7 +152,9 @@ def _run_stages(runner: StageRunner, cfg: RunConfig, data: str | None) -> dict[s
     summary = report_res.result["summary"]
     progress.log(f"val bpb {summary.get('val_bpb', float('nan')):.4f}; report: {report_res.result['report']} "
                  f"(and report.html)")
-    progress.log(f"try the model: {summary['try']}")
+    if summary.get("export"):
+        progress.log(f"Hugging Face export: {summary['export']}")
+    progress.log("try the model:\n  " + "\n  ".join(summary.get("try_commands") or [summary["try"]]))
     return summary
 
 
@@ -288,11 +350,143 @@ def _generate(model: Any, tok: Any, prompt: str, max_new_tokens: int) -> str:
     return generate(model, tok, prompt, max_new_tokens=max_new_tokens, temperature=0.0)
 
 
-def _stage_export(train: dict[str, Any], fp: str) -> dict[str, Any]:
+def _stage_export(model: dict[str, Any], fp: str) -> dict[str, Any]:
+    """The Hugging Face export of the speedrun's last model (a chat model's carries its chat template)."""
     from nanoforge.export.hf import export_hf
 
-    out = export_hf(train["checkpoint_dir"], home.export_dir(train["tag"]), force=True)
-    return {"export": str(out), "outputs": [str(Path(out) / "config.json")]}
+    out = export_hf(model["checkpoint_dir"], home.export_dir(model["tag"]), force=True)
+    return {"export": str(out), "outputs": [str(Path(out) / "config.json")], "checkpoint": model["checkpoint_dir"]}
+
+
+# --- the chat half: sft, rl, chat_eval ------------------------------------------------------------------
+def _chat_data_inputs(chat_data: str | None) -> dict[str, Any]:
+    """What a chat-data source's fingerprint depends on: the default's version, or the files' sizes/times."""
+    if chat_data is None:
+        import nanoforge.data.chat as chat
+
+        return {"source": "default", "version": getattr(chat, "DEFAULT_CHAT_VERSION", getattr(chat, "VERSION", 0)),
+                "python": sys.version.split()[0]}
+    p = Path(chat_data)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return {"source": "files", "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns]
+                                         for f in files if f.exists()]}
+
+
+def _resume_flag(phase: str, tag: str, fresh: bool, what: str) -> bool:
+    from nanoforge import checkpoint as ckpt
+
+    folder = home.checkpoint_dir(phase, tag)
+    if fresh and folder.exists() and int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(folder)
+    resume = bool(folder.exists() and ckpt.checkpoint_steps(folder))
+    if resume:
+        progress.log(f"resuming {what} from {folder}")
+    return resume
+
+
+def _stage_sft(base: dict[str, Any], chat_data: str | None, sets: list[str], run: str, fp: str,
+               fresh: bool) -> dict[str, Any]:
+    from nanoforge.train.sft import train_sft
+
+    if chat_data is None:
+        from nanoforge.data.chat import default_chat_data
+
+        chat_data = str(default_chat_data())
+    tag = f"{run}-{fp[:8]}"
+    resume = _resume_flag("sft", tag, fresh, "SFT")
+    summary = train_sft(base["checkpoint_dir"], chat_data, tag=tag, overrides=sets, run=f"{run}--sft",
+                        resume=resume)
+    if summary.get("interrupted"):
+        raise Interrupted(f"SFT stopped at step {summary['step']} (checkpoint saved in "
+                          f"{home.checkpoint_dir('sft', tag)}); run the same command again to continue")
+    summary = _jsonable(summary)
+    summary.update(tag=tag, data=chat_data, outputs=[summary["checkpoint"], summary["metrics"]])
+    return summary
+
+
+def _stage_rl(sft: dict[str, Any], sets: list[str], run: str, fp: str, fresh: bool) -> dict[str, Any]:
+    from nanoforge.train.rl import train_rl
+
+    tag = f"{run}-{fp[:8]}"
+    resume = _resume_flag("rl", tag, fresh, "RL")
+    summary = train_rl(sft["checkpoint_dir"], None, tag=tag, overrides=sets, run=f"{run}--rl", resume=resume)
+    if summary.get("interrupted"):
+        raise Interrupted(f"RL stopped at step {summary['step']} (checkpoint saved in "
+                          f"{home.checkpoint_dir('rl', tag)}); run the same command again to continue")
+    summary = _jsonable(summary)
+    summary.update(tag=tag, outputs=[summary["checkpoint"], summary["metrics"]])
+    return summary
+
+
+SAMPLE_CONVERSATIONS = 3
+CHAT_TASKS = ("arithmetic_chat", "replies_chat")  # bundled, on the default chat data's held-out split
+
+
+def _stage_chat_eval(runner: StageRunner, cfg: RunConfig, models: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every model of the run (base, SFT, RL) on the bundled held-out chat tasks (greedy, tools on), and
+    greedy replies of the last model to a few held-out prompts."""
+    from nanoforge.eval.chat import eval_chat
+
+    out = runner.run_dir / "chat_eval"
+    out.mkdir(parents=True, exist_ok=True)
+    scores, errs = {}, {}
+    limit = cfg.speedrun.chat_eval_limit or None
+    for name, res in models.items():
+        progress.log(f"chat eval of the {name} model")
+        result = eval_chat(res["checkpoint_dir"], list(CHAT_TASKS), limit=limit, out=out / f"{name}.json")
+        scores[name], errs[name] = chat_scores(result)
+    final = list(models)[-1]
+    samples = [{"model": final, "messages": m} for m in _sample_conversations(models[final]["checkpoint_dir"],
+                                                                               cfg.rl.max_new_tokens)]
+    result = {"models": scores, "stderr": errs, "samples": samples, "final": final, "limit": limit,
+              "final_checkpoint": models[final]["checkpoint_dir"]}
+    home.atomic_write_json(out / "results.json", result)
+    result["outputs"] = [str(out / "results.json")]
+    return result
+
+
+def chat_scores(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """({"task metric": value}, {"task metric": stderr}) of eval_chat's result: each task's main metric
+    (exact match, ended, acc) and ChatCORE."""
+    scores, errs = {}, {}
+    info = (result.get("nanoforge") or {}).get("tasks") or {}
+    for task, row in (result.get("results") or {}).items():
+        key = "chatcore,none" if task == "chatcore" else (info.get(task) or {}).get("main_metric")
+        if not key or row.get(key) is None:
+            continue
+        metric, _, filt = key.partition(",")
+        name = "ChatCORE" if task == "chatcore" else f"{task} {metric}"
+        scores[name] = _jsonable(row[key])
+        err = row.get(f"{metric}_stderr,{filt}")
+        if err is not None:
+            errs[name] = _jsonable(err)
+    return scores, errs
+
+
+def _sample_conversations(checkpoint: str, max_tokens: int) -> list[list[dict[str, Any]]]:
+    """Greedy replies to the first user turns of held-out default chat conversations (one per kind)."""
+    from nanoforge.data.chat import default_chat_data, load_conversations
+    from nanoforge.infer.engine import Engine, SamplingParams, load_checkpoint
+
+    model, tok, _ = load_checkpoint(checkpoint)
+    val = default_chat_data() / "val"
+    picked: list[list[dict[str, Any]]] = []
+    for f in sorted(p for p in val.rglob("*") if p.is_file()):
+        convs = list(load_conversations(f))
+        if convs:
+            picked.append([m for m in _messages(convs[0]) if m.get("role") in ("system", "user")][:1])
+        if len(picked) == SAMPLE_CONVERSATIONS:
+            break
+    engine = Engine(model, tok)
+    prompts = [tok.render_for_completion({"messages": p}) for p in picked]
+    replies = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max(max_tokens, 64)))
+    return [p + [r.message()] for p, r in zip(picked, replies)]
+
+
+def _messages(conv: Any) -> list[dict[str, Any]]:
+    if isinstance(conv, dict):
+        return list(conv["messages"])
+    return list(getattr(conv, "messages", conv))
 
 
 # --- helpers ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`nanoforge train base` and `nanoforge checkpoints list`."""
+"""`nanoforge train base|mid|sft|rl` and `nanoforge checkpoints list`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from nanoforge.cli import subparser
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    train = sub.add_parser("train", help="pretrain a model (base)")
+    train = sub.add_parser("train", help="train a model (base, mid, sft)")
     tsub = train.add_subparsers(dest="train_command", metavar="<command>")
     base = subparser(tsub, "base", "pretrain a base model on token shards",
                      "nanoforge train base --preset cpu-demo --tokens de4k --tag demo --set train.max_steps=100")
@@ -26,6 +26,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     base.add_argument("--resume", action="store_true", help="continue the latest checkpoint of --tag exactly")
     base.add_argument("--json", action="store_true", help="print the summary as JSON")
     base.set_defaults(func=_train_base)
+
+    for phase, what, example in (
+            ("sft", "supervised fine-tuning of a base (or mid) checkpoint on conversations",
+             "nanoforge train sft --from demo --data default --tag demo"),
+            ("mid", "mid-training of a base checkpoint on a chat mixture (every token learned)",
+             "nanoforge train mid --from demo --data mixture.toml --tag demo")):
+        p = subparser(tsub, phase, what, example)
+        p.add_argument("--from", dest="from_checkpoint", required=True,
+                       help="the checkpoint to start from: a tag name, tag folder or model file")
+        p.add_argument("--data", required=True,
+                       help="conversations: a JSONL/JSON/parquet file, a mixture TOML, a folder with train/ (and val/), "
+                       "or 'default' (the offline default chat data)")
+        p.add_argument("--val", default=None, help="held-out conversations for validation (default: the data's val/ "
+                       "split, else sft.val_conversations held out of --data)")
+        p.add_argument("--config", default=None, help="a TOML config file (applied after the phase defaults)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value (repeatable), e.g. --set train.max_steps=50")
+        p.add_argument("--tag", default=None, help=f"checkpoint folder name (checkpoints/{phase}/TAG); "
+                       f"default: the --from tag")
+        p.add_argument("--run", default=None, help=f"run folder name (runs/RUN); default: {phase}-TAG")
+        p.add_argument("--resume", action="store_true", help="continue the latest checkpoint of --tag exactly")
+        p.add_argument("--json", action="store_true", help="print the summary as JSON")
+        p.set_defaults(func=_train_chat, phase=phase)
+
+    rl = subparser(tsub, "rl", "reinforcement learning on verifiable rewards (GRPO-style) from a chat checkpoint",
+                   "nanoforge train rl --from checkpoints/sft/demo --tag demo --set rl.max_steps=50")
+    rl.add_argument("--from", dest="from_checkpoint", required=True,
+                    help="the chat (sft) checkpoint to start from: a tag folder, a model file or a tag name")
+    rl.add_argument("--data", default=None,
+                    help="problems: chat data whose assistant answers end in '#### n' (JSONL/JSON/parquet, a "
+                         "mixture TOML, or a folder with train/ and val/); default: the offline arithmetic set")
+    rl.add_argument("--val", default=None, help="held-out problems for pass@k (default: the val/ split, else "
+                                                "rl.eval_prompts problems held out of --data)")
+    rl.add_argument("--tag", required=True, help="checkpoint folder name (checkpoints/rl/TAG)")
+    rl.add_argument("--config", default=None, help="a TOML config file applied over the RL defaults")
+    rl.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config value (repeatable), e.g. --set rl.group_size=16")
+    rl.add_argument("--run", default=None, help="run folder name (runs/RUN); default: rl-TAG")
+    rl.add_argument("--resume", action="store_true", help="continue the latest checkpoint of --tag exactly")
+    rl.add_argument("--allow-base", action="store_true", help="start from a base checkpoint (only warns)")
+    rl.add_argument("--json", action="store_true", help="print the summary as JSON")
+    rl.set_defaults(func=_train_rl)
 
     ck = sub.add_parser("checkpoints", help="list checkpoints")
     csub = ck.add_subparsers(dest="checkpoints_command", metavar="<command>")
@@ -57,6 +99,62 @@ def _train_base(args: argparse.Namespace) -> int:
             print(f"step {summary['step']}/{summary['max_steps']}  loss {summary['loss']:.4f}  "
                   f"val bpb {bpb if bpb is None else round(bpb, 4)}  "
                   f"{'-' if tps is None else f'{tps:,.0f}'} tokens/s")
+            print(f"checkpoint: {summary['checkpoint']}")
+            print(f"metrics:    {summary['metrics']}")
+    if summary["interrupted"]:
+        print(f"interrupted ({signal.Signals(summary['interrupted']).name}); continue with --resume",
+              file=sys.stderr)
+        return 128 + int(summary["interrupted"])
+    return 0
+
+
+def _train_chat(args: argparse.Namespace) -> int:
+    from nanoforge.checkpoint import resolve_checkpoint
+    from nanoforge.train.sft import train_sft
+
+    tag = args.tag or resolve_checkpoint(args.from_checkpoint)[0].name
+    summary = train_sft(args.from_checkpoint, args.data, tag=tag, phase=args.phase, val=args.val,
+                        config=args.config, overrides=args.overrides, run=args.run, resume=args.resume)
+    if summary.get("rank", 0) == 0:
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            def num(key: str) -> str:
+                v = summary.get(key)
+                return "-" if v is None else f"{v:.4f}"
+
+            print(f"step {summary['step']}/{summary['max_steps']}  loss {num('loss')}  "
+                  f"held-out loss {num('base_val_loss')} -> {num('val_loss')}  "
+                  f"bpb {num('base_val_bpb')} -> {num('val_bpb')}  {summary['tokens_per_second']:,.0f} tokens/s")
+            print(f"conversations: {summary['conversations']} ({summary['truncated']} truncated to a row, "
+                  f"{summary['dropped']} without a learned token dropped), {summary['val_conversations']} held out; "
+                  f"{summary['skipped_steps']} steps skipped")
+            print(f"checkpoint: {summary['checkpoint']}")
+            print(f"metrics:    {summary['metrics']}")
+    if summary["interrupted"]:
+        print(f"interrupted ({signal.Signals(summary['interrupted']).name}); continue with --resume",
+              file=sys.stderr)
+        return 128 + int(summary["interrupted"])
+    return 0
+
+
+def _train_rl(args: argparse.Namespace) -> int:
+    from nanoforge.train.rl import train_rl
+
+    summary = train_rl(args.from_checkpoint, args.data, tag=args.tag, val=args.val, config=args.config,
+                       overrides=args.overrides, run=args.run, resume=args.resume, allow_base=args.allow_base)
+    if summary.get("rank", 0) == 0:
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            k = summary.get("k", 1)
+
+            def pk(suffix: str) -> str:
+                v, e = summary.get(f"pass@1{suffix}"), summary.get(f"pass@1_stderr{suffix}")
+                return "n/a" if v is None else f"{v:.3f} ± {e:.3f} (pass@{k} {summary.get(f'pass@{k}{suffix}', 0):.3f})"
+
+            print(f"step {summary['step']}/{summary['max_steps']}  mean reward {summary.get('reward_mean', 0):.3f}  "
+                  f"held-out pass@1 {pk('_start')} -> {pk('')}")
             print(f"checkpoint: {summary['checkpoint']}")
             print(f"metrics:    {summary['metrics']}")
     if summary["interrupted"]:
