@@ -352,6 +352,8 @@ def test_default_discovery_exports_and_a_bounded_number_of_loaded_models(models,
 
     shutil.copytree(models["base/tiny"], nanoforge_home / "checkpoints" / "base" / "tiny")
     export_hf(models["base/tiny"], nanoforge_home / "exports" / "tiny")
+    (nanoforge_home / "exports" / "broken").mkdir()
+    (nanoforge_home / "exports" / "broken" / "config.json").write_text("{}")  # skipped, not fatal
     found = discover()
     assert [m.id for m in found] == ["base/tiny", "export/tiny"]
     assert found[1].info["parameters"] == found[0].info["parameters"] and found[1].info["context"] == 256
