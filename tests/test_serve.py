@@ -352,6 +352,8 @@ def test_default_discovery_exports_and_a_bounded_number_of_loaded_models(models,
 
     shutil.copytree(models["base/tiny"], nanoforge_home / "checkpoints" / "base" / "tiny")
     export_hf(models["base/tiny"], nanoforge_home / "exports" / "tiny")
+    (nanoforge_home / "exports" / "broken").mkdir()
+    (nanoforge_home / "exports" / "broken" / "config.json").write_text("{}")  # skipped, not fatal
     found = discover()
     assert [m.id for m in found] == ["base/tiny", "export/tiny"]
     assert found[1].info["parameters"] == found[0].info["parameters"] and found[1].info["context"] == 256
@@ -364,3 +366,65 @@ def test_default_discovery_exports_and_a_bounded_number_of_loaded_models(models,
         state = http("GET", url + "/health")[1]["models"]
         assert state["export/tiny"]["loaded"] and not state["base/tiny"]["loaded"]
     pool.close()
+
+
+def test_an_engine_failure_mid_stream_is_an_error_event_and_the_next_request_is_served(models):
+    from nanoforge.infer.models import ModelPool, default_engine, discover
+    from nanoforge.infer.server import create_app, run_in_thread
+
+    class Flaky(GatedEngine):
+        fail = True
+
+        def step(self):
+            out = self.engine.step()
+            if Flaky.fail and self.engine.has_work():
+                Flaky.fail = False
+                raise RuntimeError("out of memory")
+            return out
+
+    pool = ModelPool(discover([str(models["sft/chat"])]), device="cpu",
+                     engine_factory=lambda m, t, b: Flaky(default_engine(m, t, b)))
+    with run_in_thread(create_app(pool)) as url:
+        c = client(url)
+        with pytest.raises(openai.APIError) as e:
+            for _ in c.chat.completions.create(model="sft/chat", messages=CONV, max_tokens=20, stream=True):
+                pass
+        assert "out of memory" in e.value.message
+        r = c.chat.completions.create(model="sft/chat", messages=CONV, max_tokens=5, temperature=0)
+        assert r.usage.completion_tokens > 0
+    pool.close()
+
+
+@pytest.mark.slow
+def test_the_serve_command_serves_until_terminated(models, tmp_path):
+    """`nanoforge serve CKPT --port P` as a user runs it: a real process, the API answers, SIGTERM ends it."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nanoforge", "serve", str(models["base/tiny"]), "--port", str(port),
+                             "--threads", "1", "--device", "cpu"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if http("GET", url + "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        r = client(url).completions.create(model="base/tiny", prompt="Haus", max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens > 0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    err = proc.stderr.read()
+    assert f"web UI: http://127.0.0.1:{port}/" in err and "serving 1 model(s): base/tiny" in err

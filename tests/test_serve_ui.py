@@ -88,6 +88,10 @@ def test_web_ui_in_chromium(browser, tmp_path: Path, nanoforge_home: Path):
         page.fill("#temperature", "0")
         page.dispatch_event("#max_tokens", "change")
         page.select_option("#model", "sft/chat")
+        page.fill("#input", "Wie groß ist")
+        page.press("#input", "Shift+Enter")  # a new line, not a send
+        page.type("#input", "der Baum?")
+        assert page.input_value("#input") == "Wie groß ist\nder Baum?" and page.locator(".msg").count() == 0
         page.fill("#input", "Wie groß ist der Baum?")
         page.press("#input", "Enter")
         wait_idle()
@@ -163,6 +167,18 @@ def test_web_ui_in_chromium(browser, tmp_path: Path, nanoforge_home: Path):
         assert page.locator("#conversations li").count() == n_convs == 2
         assert page.locator(".bubble.assistant details.tool").count() == 1
 
+        # --- edit a message (the reply after it is regenerated), then regenerate the last reply
+        page.locator(".msg.user .edit").nth(1).click()
+        page.fill(".edit-box", "show me again")
+        page.click(".save-edit")
+        wait_idle()
+        msgs = next(c for c in stored() if c["id"] == page.evaluate("JSON.parse(localStorage.getItem('nanoforge.current'))"))["messages"]
+        assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+        assert msgs[2]["content"] == "show me again" and "so the answer is 5." in msgs[3]["content"]
+        last_reply().locator(".regen").click()
+        wait_idle()
+        assert page.locator(".msg").count() == 4 and page.locator(".bubble.assistant details.tool").count() == 1
+
         # --- side by side streams two replies, each with its stats
         page.click("[data-tab=compare]")
         panes = page.locator("#tab-compare .pane")
@@ -187,10 +203,25 @@ def test_web_ui_in_chromium(browser, tmp_path: Path, nanoforge_home: Path):
             assert tp.nth(i).locator(".tok-view span").count() == len(expect[i])
             assert tp.nth(i).locator(".tok-count").inner_text().startswith(f"{len(expect[i])} tokens")
         assert len(expect[0]) != len(expect[1])
+        theme = page.evaluate("document.documentElement.dataset.theme")
         page.click("#theme")
+        assert page.evaluate("document.documentElement.dataset.theme") == {"light": "dark", "dark": "light"}[theme]
         for d in shots:
             page.screenshot(path=str(d / "serve-tokenizer.png"))
         page.click("[data-tab=chat]")
+
+        # --- a server with an API key: the page says so, and works once the key is set
+        with run_in_thread(create_app(pool, api_key="k3y")) as keyed:
+            p2 = ctx.new_page()
+            p2.goto(keyed + "/")
+            p2.wait_for_function("!document.querySelector('#banner').hidden")
+            assert "API key" in p2.inner_text("#banner")
+            p2.click("#settings-toggle")
+            p2.fill("#api_key", "k3y")
+            p2.dispatch_event("#api_key", "change")
+            p2.wait_for_function("document.querySelectorAll('#model option').length === 3")
+            assert p2.locator("#banner").is_hidden()
+            p2.close()
     pool.close()
 
     # --- the server is gone: a clear message, no crash

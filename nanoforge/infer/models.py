@@ -84,16 +84,19 @@ def discover(paths: Sequence[str | os.PathLike] = ()) -> list[ServedModel]:
     from nanoforge.checkpoint import list_checkpoints, resolve_checkpoint
 
     found: list[ServedModel] = []
-    if not paths:
-        for row in list_checkpoints():
-            if row["complete"]:
-                info, created = _describe_checkpoint(Path(row["path"]))
-                found.append(ServedModel(f"{row['phase']}/{row['tag']}", Path(row["path"]), "checkpoint", info,
-                                         created))
+    if not paths:  # everything under the home; what cannot be described is skipped with a warning
+        candidates = [(f"{r['phase']}/{r['tag']}", Path(r["path"]), "checkpoint") for r in list_checkpoints()
+                      if r["complete"]]
         exports = home_mod.home() / "exports"
-        for p in sorted(exports.glob("*/config.json")) if exports.is_dir() else []:
-            info, created = _describe_export(p.parent)
-            found.append(ServedModel(f"export/{p.parent.name}", p.parent, "export", info, created))
+        candidates += [(f"export/{p.parent.name}", p.parent, "export")
+                       for p in (sorted(exports.glob("*/config.json")) if exports.is_dir() else [])]
+        for mid, path, kind in candidates:
+            try:
+                info, created = (_describe_checkpoint if kind == "checkpoint" else _describe_export)(path)
+            except (UserError, KeyError, TypeError, ValueError) as e:
+                progress.warn(f"serve: skipping {path}: {e}")
+                continue
+            found.append(ServedModel(mid, path, kind, info, created))
         return found
     seen: set[str] = set()
     for raw in paths:
@@ -260,6 +263,13 @@ class ModelPool:
         victim.worker.stop()
         progress.log(f"serve: unloaded {victim.served.id}")
         return True
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per model: loaded, loading, and (when loaded) active / waiting requests and slots."""
+        with self._lock:
+            loaded, loading = dict(self._loaded), set(self._loading)
+        return {mid: {"loaded": mid in loaded, "loading": mid in loading,
+                      **(loaded[mid].worker.load() if mid in loaded else {})} for mid in self.models}
 
     def tokenizer(self, model_id: str) -> Any:
         """The model's tokenizer, without loading the model's weights."""

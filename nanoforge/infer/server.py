@@ -179,6 +179,10 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, limits: ServeLimi
             run.cancel()
             raise P.APIError(429, f"the server is busy ({e}); try again shortly", code="queue_full",
                              headers={"Retry-After": "1"}) from None
+        except RuntimeError:  # unloaded between acquire and submit to make room for another model
+            run.cancel()
+            raise P.APIError(503, f"model {lm.served.id} was just unloaded; try again", code="model_loading",
+                             headers={"Retry-After": "1"}) from None
 
     def timing_of(tickets: list[Any]) -> dict[str, Any]:
         q, pm, gm = (max(t.timing()[k] for t in tickets) for k in range(3))
@@ -267,12 +271,7 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, limits: ServeLimi
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        models = {}
-        for mid in pool.models:
-            lm = pool._loaded.get(mid)
-            models[mid] = {"loaded": lm is not None, "loading": mid in pool.loading(),
-                           **(lm.worker.load() if lm else {})}
-        return {"status": "ok", "models": models}
+        return {"status": "ok", "models": pool.status()}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

@@ -432,7 +432,9 @@ async function loadModels() {
     for (const m of S.models) {
       const o = document.createElement("option");
       o.value = m.id;
-      o.textContent = `${m.id} (${m.phase}${m.parameters ? ", " + fmtParams(m.parameters) : ""})`;
+      o.textContent = [m.id, m.phase, m.step != null ? `step ${m.step}` : null,
+        m.parameters ? fmtParams(m.parameters) : null, m.val_bpb != null ? `bpb ${m.val_bpb.toFixed(3)}` : null,
+        m.tokenizer].filter(Boolean).join(" · ");
       sel.appendChild(o);
     }
     if (pick && S.models.some((m) => m.id === pick)) sel.value = pick;
@@ -475,6 +477,7 @@ function init() {
     document.documentElement.dataset.theme = t;
     store.set("theme", t);
   };
+  $("#api_key").addEventListener("change", () => { banner(""); loadModels().then(renderAll); });
   $("#settings-toggle").onclick = () => { $("#settings").hidden = !$("#settings").hidden; };
   $("#new-chat").onclick = newChat;
   $("#tabs").onclick = (e) => { if (e.target.dataset.tab) showTab(e.target.dataset.tab); };
