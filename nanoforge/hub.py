@@ -88,6 +88,8 @@ def _verify(kind: str, folder: Path, repo: str) -> None:
     elif kind == "tokenizer":
         from nanoforge.tokenizer import Tokenizer
 
+        if (folder / "config.json").is_file():
+            raise UserError(f"{repo} is a model export, not a tokenizer (use --kind model)")
         if (folder / "nanoforge.json").is_file():
             Tokenizer.load(folder)  # checks the fingerprint against the ranks
         elif not (folder / "tokenizer.json").is_file():
@@ -195,7 +197,8 @@ def model_card(folder: Path, repo: str) -> str:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
     train = ((meta.get("config") or {}).get("train") or {})
     step = info.get("step")
-    tokens = step * train["total_batch_tokens"] if step and train.get("total_batch_tokens") else None
+    trained = bool(meta.get("run"))  # imported checkpoints record no training of ours
+    tokens = step * train["total_batch_tokens"] if trained and step and train.get("total_batch_tokens") else None
     rows = [("architecture", f"`{arch}` (model_type `{cfg.get('model_type')}`)"),
             ("parameters", f"{mc.num_params():,}" if mc else "?"),
             ("layers × width", f"{cfg.get('num_hidden_layers')} × {cfg.get('hidden_size')}, "
@@ -251,6 +254,5 @@ def push(path: str | os.PathLike, repo: str, *, private: bool = False, revision:
         api.create_repo(repo, repo_type=repo_type, private=private, exist_ok=True)
         info = api.create_commit(repo, ops, repo_type=repo_type, revision=revision,
                                  commit_message=message or f"nanoforge push: {kind} {folder.name}")
-    progress.log(f"pushed {len(ops)} file(s) to {repo}")
     return {"repo": repo, "kind": kind, "files": [op.path_in_repo for op in ops], "commit": info.oid,
             "url": info.commit_url}

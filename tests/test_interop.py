@@ -256,3 +256,20 @@ def test_a_model_no_class_computes_is_refused_for_export(tmp_path: Path, tok_pat
     with pytest.raises(UserError, match="no Hugging Face class computes this model"):
         export_hf(ckpt, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_an_imported_nanochat_checkpoint_fine_tunes_with_train_sft(nanochat_dir: tuple, tmp_path: Path) -> None:
+    from nanoforge.checkpoint import load_model
+
+    folder, _ = nanochat_dir
+    import_nanochat(folder, "d2")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"zwei {i}"},
+                                                       {"role": "assistant", "content": "drei vier"}]})
+                              for i in range(24)) + "\n")
+    assert main(["train", "sft", "--from", "d2", "--data", str(data), "--tag", "d2-sft",
+                 *(f"--set={kv}" for kv in ("train.max_steps=2", "train.eval_every=0",
+                                            "train.device_batch_size=2"))]) == 0
+    model, meta = load_model("d2-sft")
+    assert meta["phase"] == "sft" and meta["step"] == 2
+    assert model.config.mlp == "relu2" and model.config.logit_softcap == 15.0 and not model.config.norm_weights

@@ -10,7 +10,7 @@ from nanoforge.cli import subparser
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    ex = sub.add_parser("export", help="export a checkpoint (Hugging Face Llama)")
+    ex = sub.add_parser("export", help="export a checkpoint (Hugging Face Llama, Qwen2 or NanoChat)")
     esub = ex.add_subparsers(dest="export_command", metavar="<format>")
     p = subparser(esub, "hf", "write a Hugging Face model folder (Llama, Qwen2 or NanoChat) that transformers "
                   "and lm-eval load",

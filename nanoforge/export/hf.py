@@ -255,6 +255,17 @@ def _config_from_hf(cfg: dict[str, Any], arch: str = "llama") -> Any:
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), pad_vocab_to=0)
 
 
+def imported_run_config(mc: Any) -> dict[str, Any]:
+    """The resolved run config recorded in an imported checkpoint's meta: defaults with the model's shape,
+    so that later stages (`train sft --from`, resume checks) rebuild exactly this model."""
+    from nanoforge.config import RunConfig
+
+    cfg = RunConfig()
+    for k, v in mc.to_dict().items():
+        setattr(cfg.model, k, v)
+    return cfg.to_dict()
+
+
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of model.safetensors or of the shards model.safetensors.index.json lists."""
     from safetensors import SafetensorError
@@ -328,7 +339,8 @@ def import_hf(src: str | os.PathLike, tag: str, *, phase: str = "base", force: b
         raise UserError(f"{src}: tokenizer has {tok.vocab_size} ids but the model only {mc.vocab_size}")
     tok_meta = None if tok is None else {"path": str(tok.path or ""), "name": tok.name,
                                          "fingerprint": tok.fingerprint}
-    meta = {"phase": phase, "tag": tag, "model_config": mc.to_dict(), "config": None, "tokenizer": tok_meta,
+    meta = {"phase": phase, "tag": tag, "model_config": mc.to_dict(), "config": imported_run_config(mc),
+            "tokenizer": tok_meta,
             "tokens": None, "val_bpb": None, "imported_from": str(src.resolve()),
             "imported_config": {k: cfg.get(k) for k in ("_name_or_path", "transformers_version", "torch_dtype",
                                                          "dtype") if k in cfg}}

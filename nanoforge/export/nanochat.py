@@ -174,6 +174,7 @@ def import_nanochat(path: str | os.PathLike, tag: str, *, phase: str = "base", s
 def _import_locked(path: str | os.PathLike, tag: str, phase: str, step: int | None, force: bool,
                    dest: Path) -> Path:
     from nanoforge.checkpoint import load_weights, save_checkpoint
+    from nanoforge.export.hf import imported_run_config
     from nanoforge.model import LLaMA
     from nanoforge.tokenizer import Tokenizer
     from nanoforge.tokenizer.formats import _save, nanochat_tokenizer
@@ -217,7 +218,7 @@ def _import_locked(path: str | os.PathLike, tag: str, phase: str, step: int | No
         tok = reuse
     else:
         tok = Tokenizer.load(_save(tok, known, force))
-    meta = {"phase": phase, "tag": tag, "model_config": mc.to_dict(), "config": None,
+    meta = {"phase": phase, "tag": tag, "model_config": mc.to_dict(), "config": imported_run_config(mc),
             "tokenizer": {"path": str(tok.path), "name": tok.name, "fingerprint": tok.fingerprint},
             "tokens": None, "val_bpb": None, "imported_from": str(model_file.resolve()),
             "imported_config": {"format": "nanochat", "model_config": nc_meta["model_config"],
