@@ -131,8 +131,12 @@ def saved_activation_bytes(fn) -> int:
     return sum(seen.values())
 
 
+BATCH: list[int | None] = [None]  # --batch overrides the shape's batch size
+
+
 def build(shape: str) -> tuple[ModelConfig, int, int, LLaMA, torch.nn.Module]:
     make, seq, batch = SHAPES[shape]
+    batch = BATCH[0] or batch
     c = make()
     torch.manual_seed(0)
     ours = LLaMA(c)
@@ -202,7 +206,8 @@ def bench(shape: str, steps: int, warmup: int, compile: bool = False) -> dict:
                                                                 y.view(-1)))}
     rss = {}
     for which in ("ours", "hf"):
-        r = subprocess.run([sys.executable, __file__, "--rss-child", which, "--shapes", shape, "--steps", "3"],
+        r = subprocess.run([sys.executable, __file__, "--rss-child", which, "--shapes", shape, "--steps", "3",
+                            *(["--batch", str(BATCH[0])] if BATCH[0] else [])],
                            capture_output=True, text=True, check=True)
         rss[which] = json.loads(r.stdout.strip().splitlines()[-1])["peak_mb"]
     tokens = batch * seq
@@ -269,11 +274,12 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
     ap.add_argument("--bf16", action="store_true",
                     help="instead: our model fp32 vs bf16 autocast (default 200 cpu-demo steps), tokens/s and loss curves")
-    ap.add_argument("--batch", type=int, default=None, help="--bf16: batch size (default: the shape's)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default: the shape's)")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    BATCH[0] = args.batch
     if args.bf16:
         steps = args.steps if "--steps" in sys.argv else 200
         bench_bf16(args.shapes.split(",")[0] if "--shapes" in sys.argv else "cpu-demo", steps, args.warmup,
