@@ -10,6 +10,7 @@ fastest step of each (the least disturbed by other jobs on a shared machine).
     .venv/bin/python bench/train.py                 # cpu-demo shape and d384/L6/seq512/b8, 50 steps each
     .venv/bin/python bench/train.py --steps 10 --shapes cpu-demo
     .venv/bin/python bench/train.py --compile        # adds our model under torch.compile (needs a C++ compiler)
+    .venv/bin/python bench/train.py --bf16           # ours fp32 vs bf16 autocast, 200 cpu-demo steps, loss curves
 
 Prints a markdown table: tokens/s, ratio, peak training memory (resident memory above the model and
 data, one child process per model), activation memory saved for backward, final losses and the largest loss gap over the run, MFU
@@ -217,6 +218,48 @@ def bench(shape: str, steps: int, warmup: int, compile: bool = False) -> dict:
             "mfu": {k: flops * v / peak for k, v in tps.items()}, "peak_gflops": peak / 1e9}
 
 
+def bench_bf16(shape: str, steps: int, warmup: int, batch: int | None, every: int) -> None:
+    """Our model in fp32 against the same model under bf16 autocast (fp32 master weights and AdamW state, what
+    `train.dtype = auto` picks where bf16 products are clearly faster), same init and batches, alternating
+    step by step; prints tokens/s and both loss curves."""
+    make, seq, default_batch = SHAPES[shape]
+    c, batch = make(), batch or default_batch
+    torch.manual_seed(0)
+    fp32 = LLaMA(c)
+    bf16 = LLaMA(c)
+    bf16.load_state_dict(fp32.state_dict())
+    data = batches(c.vocab_size, batch, seq, steps + warmup)
+    runs = {"fp32": (fp32, torch.optim.AdamW(fp32.parameters(), lr=1e-3), None),
+            "bf16": (bf16, torch.optim.AdamW(bf16.parameters(), lr=1e-3), torch.bfloat16)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    losses: dict[str, list[float]] = {k: [] for k in runs}
+    for i, (x, y) in enumerate(data):
+        for name, (model, opt, dtype) in runs.items():
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+                loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[name].append(loss.item())
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    tps = {k: batch * seq / statistics.median(v) for k, v in times.items()}
+    print(f"{shape}, batch {batch}×{seq}, {steps} timed steps (+{warmup} warm-up), AdamW lr 1e-3; "
+          f"bf16 products measured {'clearly faster' if gemm.bf16_faster() else 'NOT faster'} than fp32 here "
+          f"(train.dtype=auto picks {'bf16' if gemm.bf16_faster() else 'fp32'})\n")
+    print(f"| | fp32 | bf16 autocast | bf16 / fp32 |\n|---|---|---|---|\n"
+          f"| tokens/s (median step) | {tps['fp32']:,.0f} | {tps['bf16']:,.0f} | **{tps['bf16'] / tps['fp32']:.2f}×** |")
+    for lo in range(0, steps + warmup, every):
+        hi = min(lo + every, steps + warmup)
+        a = statistics.mean(losses["fp32"][lo:hi])
+        b = statistics.mean(losses["bf16"][lo:hi])
+        print(f"| loss, steps {lo + 1}-{hi} (mean) | {a:.4f} | {b:.4f} | {100 * (b - a) / a:+.2f}% |")
+    tail = max(1, (steps + warmup) // 10)
+    a, b = statistics.mean(losses["fp32"][-tail:]), statistics.mean(losses["bf16"][-tail:])
+    print(f"\nfinal loss (mean of the last {tail} steps): fp32 {a:.4f}, bf16 {b:.4f}, gap {100 * (b - a) / a:+.2f}%")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=50)
@@ -224,10 +267,18 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
+    ap.add_argument("--bf16", action="store_true",
+                    help="instead: our model fp32 vs bf16 autocast (default 200 cpu-demo steps), tokens/s and loss curves")
+    ap.add_argument("--batch", type=int, default=None, help="--bf16: batch size (default: the shape's)")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.bf16:
+        steps = args.steps if "--steps" in sys.argv else 200
+        bench_bf16(args.shapes.split(",")[0] if "--shapes" in sys.argv else "cpu-demo", steps, args.warmup,
+                   args.batch, every=max(1, (steps + args.warmup) // 10))
+        return
     if args.rss_child:
         rss_child(args.shapes, args.rss_child, args.steps)
         return

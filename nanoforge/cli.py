@@ -25,7 +25,8 @@ COMMAND_MODULES = [
     "nanoforge.data.commands",        # data download|import|tokenize, plan
     "nanoforge.train.commands",       # train base|sft|rl, checkpoints list
     "nanoforge.eval.commands",        # eval bpb|tasks|compare, lm-eval
-    "nanoforge.export.commands",      # export hf, import hf
+    "nanoforge.export.commands",      # export hf, import hf|nanochat
+    "nanoforge.hub_commands",         # pull, push
     "nanoforge.infer.commands",       # sample, chat, serve
     "nanoforge.pipeline.commands",    # speedrun, ablate
 ]

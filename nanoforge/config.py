@@ -64,7 +64,7 @@ class TrainSection:
     keep_last: int = 2             # checkpoints kept besides the best
     seed: int = 1337
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"            # auto (bf16 autocast on CUDA, else float32) | float32 | bfloat16
+    dtype: str = "auto"            # auto (bf16 autocast on CUDA and on CPUs with fast bf16 products) | float32 | bfloat16
     compile: str = "auto"          # auto (on CUDA) | true | false
     parallel: str = "ddp"          # ddp | fsdp (under torchrun)
     tensorboard: bool = False

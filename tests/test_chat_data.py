@@ -91,9 +91,11 @@ SHAPED = {
     "custom_fields": ({"prompt": "p", "completion": "c"}, {"shape": "instruction", "field": "prompt,completion"},
                       chat("p", "c")),
     "persona_chat": ({"user 1 personas": "I like cats.",
-                      "Best Generated Conversation": "User 1: Hi! Do you like cats?\nUser 2: I do.\n"
+                      "Best Generated Conversation": "User 1: Hi! Do you like cats?\nUser 2: I do.\nNote: a lot.\n"
                                                      "User 1: Great.\nUser 2: Yes, they are fun.\nUser 1: Bye"},
-                     {}, chat("Hi! Do you like cats?", "I do.", "Great.", "Yes, they are fun.")),
+                     {}, chat("Hi! Do you like cats?", "I do.\nNote: a lot.", "Great.", "Yes, they are fun.")),
+    "speaker_transcript": ({"dialogue": "Alice: Hi.\nBob: Hello!\nAlice: Bye."}, {"shape": "transcript", "field": "dialogue"},
+                           chat("Hi.", "Hello!")),
 }
 
 
@@ -245,3 +247,28 @@ def test_default_chat_data_is_cached_and_rebuilt_on_a_version_change(default_dat
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": 0}))
     assert default_chat_data() == default_data and json.loads(meta.read_text())["version"] == 1
     assert not list(default_data.parent.glob(".*tmp"))
+
+
+def test_render_file_shows_one_line_or_all(tmp_path: Path) -> None:
+    from nanoforge.data.chat import render_file
+
+    tok = chat_tokenizer()
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": chat("q1", "a1")}, {"messages": chat("q2", "a2")}])
+    one = render_file(tok, tmp_path / "d.jsonl", line=2, color=False)
+    ids, mask = tok.render_conversation(chat("q2", "a2"))
+    assert one.splitlines()[0] == f"{tmp_path / 'd.jsonl'}:2: {len(ids)} tokens, {sum(mask)} supervised"
+    body = one.splitlines()[1]
+    assert body.endswith(f"«<|assistant_end|>»({ids[-1]})") and body.startswith(f"<|bos|>({ids[0]})|")
+    assert [int(x.split("(")[-1]) for x in body.split(")|")[:-1]] == ids[:-1]
+    assert render_file(tok, tmp_path / "d.jsonl", color=False).count("supervised") == 2
+    assert "(truncated)" in render_file(tok, tmp_path / "d.jsonl", line=1, max_tokens=3)
+    with pytest.raises(UserError, match="d.jsonl: no conversation at line 7"):
+        render_file(tok, tmp_path / "d.jsonl", line=7)
+
+
+def test_the_synthetic_tool_outputs_are_what_the_engines_calculator_prints(default_data: Path) -> None:
+    tools = pytest.importorskip("nanoforge.infer.tools")
+    convs = load_conversations(default_data / "train" / "arithmetic.jsonl")[:300]
+    calls = [(p["text"], q["text"]) for c in convs for p, q in zip(c.messages[1]["content"], c.messages[1]["content"][1:])
+             if p["type"] == "python"]
+    assert len(calls) >= 300 and all(tools.calculator(expr) == out for expr, out in calls)

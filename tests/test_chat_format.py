@@ -163,6 +163,7 @@ BAD = {
     "bad_part": ([msg("user", "a"), msg("assistant", [{"type": "image", "text": "x"}])],
                  "message 2: unknown part 'image'"),
     "content_not_text": ([msg("user", 5)], "message 1: content is int"),
+    "no_content": ([{"role": "user"}], "message 1: the user message has no content"),
     "no_messages": ([], "the conversation has no messages"),
     "not_an_object": (["hello"], "message 1: is str"),
 }

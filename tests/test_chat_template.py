@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from _chat_helpers import chat_tokenizer, training_text
 from _data_helpers import write_parquet
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nanoforge.errors import UserError
 from nanoforge.tokenizer import Tokenizer
@@ -124,6 +126,53 @@ def test_apply_chat_template_gives_our_ids(toks, key: str) -> None:
         assert theirs == prompt, (i, hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=True))
 
 
+TRICKY = st.lists(st.sampled_from(list("<|>\ue000\ue001 \n\r\tab1_") + ["<|bos|>", "<|user_end|>", "é", "👍"]),
+                  min_size=1, max_size=12).map("".join)
+ANY_TEXT = st.one_of(TRICKY, st.text(min_size=1, max_size=20))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ANY_TEXT, ANY_TEXT, ANY_TEXT, ANY_TEXT)
+def test_apply_chat_template_gives_our_ids_on_any_text(toks, a: str, b: str, code: str, out: str) -> None:
+    tok, hf = toks["rustbpe"]
+    conv = [{"role": "system", "content": a}, {"role": "user", "content": b},
+            {"role": "assistant", "content": [{"type": "text", "text": b}, {"type": "python", "text": code},
+                                              {"type": "python_output", "text": out}, {"type": "text", "text": a}]}]
+    assert hf.apply_chat_template(conv)["input_ids"] == tok.render_conversation(conv).ids
+    assert hf.apply_chat_template(conv, add_generation_prompt=True)["input_ids"] == tok.render_for_completion(conv)
+
+
+def _dict_arguments_with_several_fields(conv: list[dict]) -> bool:
+    return any(isinstance(tc["function"]["arguments"], dict) and len(tc["function"]["arguments"]) > 1
+               for m in conv for tc in m.get("tool_calls") or [])
+
+
+def test_minijinja_renders_the_template_to_our_ids(toks) -> None:
+    """MiniJinja (the Rust engine TGI renders chat templates with) gives the same ids; not for tool arguments
+    that stay JSON, where its `tojson` escapes < and > as HTML (transformers' does not)."""
+    minijinja = pytest.importorskip("minijinja")
+    from transformers.utils.chat_template_utils import _normalize_chat_messages
+
+    from nanoforge.tokenizer.hf import chat_template
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    env = minijinja.Environment(templates={"chat": chat_template()}, globals={"raise_exception": raise_exception})
+    env.trim_blocks = env.lstrip_blocks = True
+    tok, hf = toks["rustbpe"]
+    checked = 0
+    for conv in CONVERSATIONS:
+        if _dict_arguments_with_several_fields(conv):
+            continue
+        msgs = _normalize_chat_messages(conv)  # what transformers and TGI do: keys whose value is None dropped
+        for prompt, ours in ((False, tok.render_conversation(conv).ids), (True, tok.render_for_completion(conv))):
+            text = env.render_template("chat", messages=msgs, add_generation_prompt=prompt)
+            assert hf(text, add_special_tokens=False)["input_ids"] == ours
+            checked += 1
+    assert checked >= 100
+
+
 def test_apply_chat_template_on_openai_message_objects(toks) -> None:
     """Messages as the openai client's pydantic objects (content=None, arguments a JSON string)."""
     pytest.importorskip("openai")
@@ -176,5 +225,13 @@ def test_export_of_a_chat_checkpoint_writes_the_template(tmp_path: Path) -> None
     for conv in CONVERSATIONS[:10]:
         assert hf.apply_chat_template(conv)["input_ids"] == tok.render_conversation(conv).ids
     assert GenerationConfig.from_pretrained(out).eos_token_id == [tok.special_id("<|assistant_end|>"), tok.bos_id]
+    # lm-eval --apply_chat_template renders the template to a string, then tokenizes it
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=str(out), device="cpu", batch_size=1)
+    ends_with_user = [c for c in CONVERSATIONS if c[-1]["role"] == "user"]
+    assert ends_with_user
+    for conv in ends_with_user:
+        assert lm.tok_encode(lm.apply_chat_template(conv)) == tok.render_for_completion(conv)
     assert main(["export", "hf", str(ckpt), "--out", str(tmp_path / "plain"), "--no-chat-template"]) == 0
     assert not (tmp_path / "plain" / "chat_template.jinja").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _engine_helpers import Scripted, byte_ids
 from _eval_helpers import make_checkpoint, make_tokenizer
 
 from nanoforge.errors import UserError
@@ -142,37 +143,11 @@ def test_generation_stops_at_the_context(loaded: tuple) -> None:
     assert c.finish_reason == "length" and c.prompt_tokens + len(c.ids) == 256 + 1  # the last one is not fed
 
 
-# ---- scripted model: emits a fixed token sequence, so text and tool paths are exact ----------------
-class Scripted(torch.nn.Module):
-    """Predicts script[p + 1] after position p (whatever the input), through the engine's cache path."""
-
-    def __init__(self, config, script: list[int]) -> None:
-        super().__init__()
-        self.config = config
-        self.script = script
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def hidden(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
-        pos = cache.starts.unsqueeze(1) + torch.arange(idx.shape[1])
-        return pos.unsqueeze(-1).float()
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        nxt = torch.tensor([self.script[min(int(p) + 1, len(self.script) - 1)] for p in h[..., 0].reshape(-1)])
-        out = torch.full((nxt.numel(), self.config.vocab_size), -1e9)
-        out[torch.arange(nxt.numel()), nxt] = 0.0
-        return out.view(*h.shape[:-1], -1)
-
-
-def _byte_ids(tok, text: str) -> list[int]:
-    """One token per UTF-8 byte: every multi-byte character is split across tokens."""
-    return [tok.ranks[bytes([b])] for b in text.encode("utf-8")]
-
-
 def test_streaming_never_splits_a_multibyte_character(loaded: tuple) -> None:
     _, model, tok = loaded
     text = "Grüße 😀 aus 東京 – ok"
     prompt = [tok.bos_id]
-    script = prompt + _byte_ids(tok, text) + [tok.special_id("<|assistant_end|>")]
+    script = prompt + byte_ids(tok, text) + [tok.special_id("<|assistant_end|>")]
     engine = Engine(Scripted(model.config, script), tok)
     deltas = list(engine.stream(prompt, SamplingParams(max_tokens=100)))
     pieces = [d.text for d in deltas]
@@ -184,7 +159,7 @@ def test_streaming_never_splits_a_multibyte_character(loaded: tuple) -> None:
 def test_stop_strings_cut_across_tokens_and_are_not_sent(loaded: tuple) -> None:
     _, model, tok = loaded
     prompt = [tok.bos_id]
-    script = prompt + _byte_ids(tok, "eins zwei\nUser: drei")
+    script = prompt + byte_ids(tok, "eins zwei\nUser: drei")
     engine = Engine(Scripted(model.config, script), tok)
     rid = None
     pieces = []

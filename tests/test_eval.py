@@ -256,7 +256,7 @@ def test_eval_bpb_and_tokenizer_mismatch(setup: dict, tmp_path: Path, capsys: py
     from nanoforge.tokenizer import Tokenizer
 
     tokens = tokenize_corpus(write_text(tmp_path / "c", n_docs=60, seed=1), Tokenizer.load(setup["tok"]),
-                             out=tmp_path / "tokens", val_docs=20, workers=1)
+                             out=tmp_path / "tokens", val_docs=20, workers=1, split_blank_lines=True)
     assert main(["eval", "bpb", str(setup["ckpt"]), "--tokens", str(tokens), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["val_bpb"] > 0 and r["bytes"] > 0
@@ -279,7 +279,7 @@ def test_eval_bpb_under_torchrun_matches_one_process(setup: dict, tmp_path: Path
     from nanoforge.tokenizer import Tokenizer
 
     tokens = tokenize_corpus(write_text(tmp_path / "c", n_docs=60, seed=2), Tokenizer.load(setup["tok"]),
-                             out=tmp_path / "tokens", val_docs=20, workers=1)
+                             out=tmp_path / "tokens", val_docs=20, workers=1, split_blank_lines=True)
     one = evaluate_bpb_checkpoint(setup["ckpt"], tokens, batch_size=2, seq_len=32)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

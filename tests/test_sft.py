@@ -135,7 +135,7 @@ def test_a_step_without_learned_tokens_runs_nothing_and_gives_no_nan() -> None:
 # --- training ------------------------------------------------------------------------------------------
 
 def test_sft_lowers_the_held_out_loss_and_writes_sft_checkpoints(chat, nanoforge_home) -> None:
-    s = train_sft(chat["base"], chat["train"], val=chat["val"], tag="learn")
+    s = train_sft(chat["base"], chat["train"], val=chat["val"], tag="learn", overrides=["train.sample_every=1000"])
     assert s["val_loss"] < s["base_val_loss"] - 0.5 and s["val_bpb"] < s["base_val_bpb"]
     assert s["conversations"] == 240 and s["val_conversations"] == 24 and s["skipped_steps"] == 0
     meta = json.loads(Path(s["checkpoint"]).with_name(f"meta_{s['step']:06d}.json").read_text())
@@ -144,6 +144,19 @@ def test_sft_lowers_the_held_out_loss_and_writes_sft_checkpoints(chat, nanoforge
     cfg = meta["config"]
     assert cfg["train"]["schedule"] == "linear" and cfg["sft"]["learn"] == "assistant"
     assert cfg["train"]["lr"] == pytest.approx(1e-2 * 0.3)  # the ci base lr × sft.lr_scale
+    sample = json.loads((nanoforge_home / "runs" / "sft-learn" / "samples.jsonl").read_text().splitlines()[0])
+    assert sample["prompt"].endswith("<|assistant_start|>") and isinstance(sample["completion"], str)
+
+
+def test_mid_learns_every_token_of_the_same_rows(chat, nanoforge_home) -> None:
+    args = dict(val=chat["val"], overrides=["train.max_steps=1", "train.eval_every=0"])
+    train_sft(chat["base"], chat["train"], tag="m", phase="mid", **args)
+    train_sft(chat["base"], chat["train"], tag="s", phase="sft", **args)
+    learned = {p: json.loads((nanoforge_home / "runs" / f"{p}-{t}" / "metrics.jsonl").read_text())["learned_tokens"]
+               for p, t in (("mid", "m"), ("sft", "s"))}
+    assert learned["mid"] > 2 * learned["sft"] > 0
+    meta = json.loads(next((nanoforge_home / "checkpoints" / "mid" / "m").glob("meta_*.json")).read_text())
+    assert meta["phase"] == "mid" and meta["config"]["sft"]["learn"] == "all"
 
 
 def test_device_batch_2_with_accumulation_4_trains_like_device_batch_8(chat, nanoforge_home) -> None:

@@ -75,7 +75,7 @@ class Conversation:
 
 # ---- GSM8K and multiple choice ----------------------------------------------------------------------
 GSM_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
-CALC_RE = re.compile(r"(<<[^<>]*>>)")
+CALC_RE = re.compile(r"(<<[^>]+>>)")
 
 
 def gsm8k_answer(text: str) -> str | None:
@@ -138,7 +138,8 @@ def mc_messages(row: dict[str, Any], where: str) -> list[dict[str, Any]]:
 # ---- the other shapes -------------------------------------------------------------------------------
 USER_NAMES = {"user", "human", "prompter", "user 1", "usr"}
 ASSISTANT_NAMES = {"assistant", "gpt", "bot", "model", "system", "chatbot", "user 2", "sys"}
-TRANSCRIPT_RE = re.compile(r"^\s*(User \d+|[A-Z][\w ]{0,20}):\s?", re.M)
+USER_N_RE = re.compile(r"^\s*(User \d+):\s?", re.M)
+SPEAKER_RE = re.compile(r"^\s*([A-Z][\w ]{0,20}):\s?", re.M)
 
 
 def _alternate(texts: list[str]) -> list[dict[str, Any]]:
@@ -188,7 +189,7 @@ def transcript_messages(text: Any, where: str) -> list[dict[str, Any]]:
     """ "User 1: hi\\nUser 2: hello\\n…" → alternating turns (the first speaker is the user)."""
     if not isinstance(text, str):
         raise ChatDataError(f"{where}: a transcript must be a string of 'Speaker: text' lines")
-    heads = list(TRANSCRIPT_RE.finditer(text))
+    heads = list(USER_N_RE.finditer(text)) or list(SPEAKER_RE.finditer(text))  # "User 1:" labels win
     if len(heads) < 2:
         raise ChatDataError(f"{where}: no 'User 1: … User 2: …' turns found in the transcript")
     first = heads[0].group(1)
@@ -431,8 +432,8 @@ def hub_files(repo: str, files: str, shards: str | int = "0", *, shape: str = "a
     $NANOFORGE_HOME/chat/<dataset>. `files` is a file-name pattern with `{:05d}` for the shard index."""
     from nanoforge.data.download import download_shards
 
-    column = {"gsm8k": "question", "mc": "question", "instruction": (field or "instruction").split(",")[0]
-              }.get(shape, field or "messages")
+    column = {"gsm8k": "question", "mc": "question", "instruction": (field or "instruction").split(",")[0],
+              "turns": field or "dialog"}.get(shape, field or "messages")  # checked in every downloaded file
     return download_shards(repo, shards, home.home() / "chat" / repo.rstrip("/").split("/")[-1],
                            revision=revision, pattern=files, column=column)
 
@@ -459,7 +460,7 @@ def conversation_at(path: str | os.PathLike, line: int, *, shape: str = "auto",
 
 
 # ---- the offline default ----------------------------------------------------------------------------
-DEFAULT_VERSION = 1
+DEFAULT_CHAT_VERSION = 1
 DEFAULT_META = "chat-data.json"
 VAL_PERCENT = 5
 
@@ -474,7 +475,7 @@ def default_chat_data(*, force: bool = False) -> Path:
 
     out = home.home() / "chat" / f"default-py{sys.version_info.major}.{sys.version_info.minor}"
     meta = out / DEFAULT_META
-    version = {"version": DEFAULT_VERSION, "stdlib_corpus_version": STDLIB_VERSION}
+    version = {"version": DEFAULT_CHAT_VERSION, "stdlib_corpus_version": STDLIB_VERSION}
     if meta.is_file() and not force:
         try:
             got = json.loads(meta.read_text(encoding="utf-8"))
@@ -573,6 +574,7 @@ def stdlib_qa() -> Split:
                 continue
             is_class, name, sig = bool(m.group(1)), m.group(2), m.group(3)
             full = f"{module}.{name}"
+            sig = re.sub(r"^\(self(, |\))", lambda m: "(" if m.group(1) == ", " else "()", sig)
             sig = sig if len(sig) <= 60 else "(...)"
             if is_class:
                 q = rng.choice(["What is the class {f}?", "What is {f} used for?", "Explain the class {n} in {m}."])
@@ -653,10 +655,10 @@ IDENTITY_QUESTIONS = ["Who are you?", "What are you?", "Hi! Who am I talking to?
                       "How were you trained?", "Are you ChatGPT?", "What can you do?", "What is your name?",
                       "Tell me about yourself.", "Which model are you?"]
 IDENTITY_VAL = ["Hello, what kind of assistant are you?", "Who built you and how?"]
-IDENTITY_ANSWER = ("I am a small language model trained with nanoforge on this computer. I was pretrained on text "
-                   "such as the documentation of Python's standard library and then fine-tuned on conversations, "
-                   "so I can answer short questions about Python and solve arithmetic problems with a calculator "
-                   "tool. I am tiny, so please check what I say.")
+IDENTITY_ANSWER = ("I am a small language model trained with nanoforge on one person's computer: first pretrained "
+                   "on a text corpus (the demo uses the documentation of Python's standard library), then "
+                   "fine-tuned on conversations, so I can answer short questions and solve arithmetic problems "
+                   "with a calculator tool. I am tiny, so please check what I say.")
 
 
 def identity_conversations() -> Split:
@@ -665,3 +667,20 @@ def identity_conversations() -> Split:
         return [{"role": "user", "content": q}, {"role": "assistant", "content": IDENTITY_ANSWER}]
 
     return [conv(q) for q in IDENTITY_QUESTIONS], [conv(q) for q in IDENTITY_VAL]
+
+
+def render_file(tok: Any, path: str | os.PathLike, *, line: int | None = None, shape: str = "auto",
+                field: str | None = None, color: bool = True, max_tokens: int | None = None) -> str:
+    """What `nanoforge chat render FILE [--line N]` prints: for each conversation of the file (or the one at
+    `line`) a header line (source, tokens, supervised tokens, truncation) and its tokens coloured by mask with
+    their ids (`format_rendered`)."""
+    from nanoforge.tokenizer.chat import format_rendered
+
+    convs = [conversation_at(path, line, shape=shape, field=field)] if line is not None else \
+        read_conversations(path, shape=shape, field=field, validate=False)
+    out = []
+    for conv in convs:
+        r = tok.render_conversation(conv, max_tokens)
+        head = f"{conv.source}: {len(r.ids)} tokens, {sum(r.mask)} supervised" + (" (truncated)" if r.truncated else "")
+        out.append(head + "\n" + format_rendered(tok, r.ids, r.mask, color=color))
+    return "\n\n".join(out)

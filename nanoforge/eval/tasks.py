@@ -42,9 +42,11 @@ def _model_and_tokenizer(checkpoint_or_model: Any, tokenizer: Any, device: str) 
 
 def evaluate_multiple_choice(model: Any, tokenizer: Any, spec: TaskSpec, docs: list[dict[str, Any]],
                              contexts: list[str], *, batch_tokens: int = 8192) -> dict[str, list[float]]:
-    """Per-document metric values (acc, acc_norm, and mc2 when asked for)."""
+    """Per-document metric values (acc, acc_norm, and mc2 when asked for). A task scored by the truthfulqa mc2
+    hook reports mc2 under lm-eval's name `acc` (as lm-eval's okapi truthfulqa_*_mc2 does), and as `mc2`."""
     delim = spec.config.get("target_delimiter", " ")
-    want_mc2 = "mc2" in spec.metrics
+    mc2_task = _is_mc2_task(spec)
+    want_mc2 = mc2_task or "mc2" in spec.metrics
     groups = []
     for doc, ctx in zip(docs, contexts):
         choices = spec.doc_to_choice(doc)
@@ -59,7 +61,15 @@ def evaluate_multiple_choice(model: Any, tokenizer: Any, spec: TaskSpec, docs: l
             values["mc2"][i] = M.mc2(lls, doc["mc2_targets_labels"])  # as truthfulqa_utils.process_results_mc2
         r = M.multiple_choice(lls, choices, spec.gold_index(doc, choices))
         values["acc"][i], values["acc_norm"][i] = r["acc"], r["acc_norm"]
+    if mc2_task:
+        values["acc"] = values["mc2"]
+        return {m: values[m] for m in ("acc", "mc2")}
     return {m: v for m, v in values.items() if m in spec.metrics}
+
+
+def _is_mc2_task(spec: TaskSpec) -> bool:
+    hook = spec.config.get("process_results")
+    return getattr(hook, "name", None) == "truthfulqa_utils.process_results_mc2"
 
 
 def _score_docs(model: Any, docs_pairs: list[list[tuple[list[int], list[int]]]], *, desc: str = "score",

@@ -209,9 +209,10 @@ class Engine:
         self._done: OrderedDict[int, Completion] = OrderedDict()
         self._snapshots: dict[int, CacheSnapshot] = {}
         self._keep_results = keep_results
-        self._forward_decode = self._forward
-        if compile:
-            self._forward_decode = torch.compile(self._forward, dynamic=True)
+        # The decode step (one token per row) is the model's forward at a new position every time: compiled
+        # with dynamic shapes it traces once. On a CPU it does not pay (measured slower than eager for
+        # cpu-demo, after ~80 s of compiling); it is meant for CUDA, where it removes per-op launch cost.
+        self._hidden_decode = torch.compile(model.hidden, dynamic=True) if compile else model.hidden
 
     # ---- public API ------------------------------------------------------------------------------
     def add(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
@@ -389,7 +390,7 @@ class Engine:
         return self._advance(rows, logits, first=True)
 
     def _decode(self, rows: list[_Row]) -> list[Delta]:
-        logits = self._forward_decode(0, [[r.last] for r in rows], [r.length for r in rows])
+        logits = self._forward(0, [[r.last] for r in rows], [r.length for r in rows])
         for r in rows:
             r.length += 1
         return self._advance(rows, logits, first=False)
@@ -399,13 +400,15 @@ class Engine:
         cache row slot + i at positions starts[i]..; only each row's last real position is projected."""
         B = len(tokens)
         width = max(len(t) for t in tokens)
-        idx = torch.zeros(B, width, dtype=torch.long)
-        for i, t in enumerate(tokens):
-            idx[i, :len(t)] = torch.tensor(t)
+        if width == 1:
+            idx = torch.tensor(tokens)
+        else:
+            idx = torch.zeros(B, width, dtype=torch.long)
+            for i, t in enumerate(tokens):
+                idx[i, :len(t)] = torch.tensor(t)
         idx = idx.to(self.device, non_blocking=True)
-        starts_t = torch.tensor(starts, dtype=torch.long).to(self.device, non_blocking=True)
-        self._cache.bind(slice(slot, slot + B), starts_t, max(starts) + width)
-        h = self.model.hidden(idx, cache=self._cache)
+        self._cache.bind(slice(slot, slot + B), starts, width)
+        h = (self.model.hidden if width > 1 else self._hidden_decode)(idx, cache=self._cache)
         if width > 1:
             last = torch.tensor([len(t) - 1 for t in tokens], device=self.device)
             h = h[torch.arange(B, device=self.device), last]

@@ -13,6 +13,8 @@ from typing import Any
 
 from nanoforge.errors import UserError
 
+MLPS = ("swiglu", "relu2")
+
 
 @dataclass
 class ModelConfig:
@@ -28,6 +30,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     pad_vocab_to: int = 0  # 0 = no padding; 64 pads the embedding rows to a multiple of 64 (faster matmuls)
+    # Architecture options (the defaults are plain Llama; nanochat 2025: relu2, qk_norm, embed_norm,
+    # norm_weights=false, logit_softcap=15; Qwen2: qkv_bias).
+    mlp: str = "swiglu"            # swiglu (gate/up/down) | relu2 (relu(x)², up/down, no gate)
+    qk_norm: bool = False          # parameter-free RMSNorm of q and k per head, after the rotary
+    embed_norm: bool = False       # RMSNorm of the token embeddings before the first block
+    norm_weights: bool = True      # false: every RMSNorm is parameter-free
+    logit_softcap: float = 0.0     # > 0: logits = cap · tanh(logits / cap)
+    qkv_bias: bool = False         # biases on the q, k and v projections
 
     def __post_init__(self) -> None:
         self.validate()
@@ -42,6 +52,10 @@ class ModelConfig:
                             f"({self.n_kv_heads})")
         if self.head_dim % 2:
             raise UserError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.mlp not in MLPS:
+            raise UserError(f"model.mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
+        if self.logit_softcap < 0:
+            raise UserError(f"model.logit_softcap must be >= 0 (0 = off), got {self.logit_softcap}")
         if self.pad_vocab_to < 0:
             raise UserError(f"model.pad_vocab_to must be >= 0, got {self.pad_vocab_to}")
 
@@ -56,7 +70,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)}  # keys added later default: old metas still load
         unknown = sorted(set(d) - names)
         if unknown:
             raise UserError(f"unknown model config keys {unknown}; valid keys: {', '.join(sorted(names))}")
@@ -66,9 +80,12 @@ class ModelConfig:
         """Parameter count; embeddings=False leaves out the token embedding and the output head."""
         d, hd = self.d_model, self.head_dim
         attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
-        ffn = 3 * d * self.ffn_dim
-        block = attn + ffn + 2 * d
-        total = self.n_layers * block + d  # + final norm
+        if self.qkv_bias:
+            attn += (self.n_heads + 2 * self.n_kv_heads) * hd
+        ffn = (3 if self.mlp == "swiglu" else 2) * d * self.ffn_dim
+        norm = d if self.norm_weights else 0
+        block = attn + ffn + 2 * norm
+        total = self.n_layers * block + norm * (2 if self.embed_norm else 1)  # + final (and embedding) norm
         if embeddings:
             emb = self.padded_vocab_size * d
             total += emb if self.tie_embeddings else 2 * emb
@@ -79,7 +96,9 @@ class ModelConfig:
         Matmul parameters are all weights except norms and the input embedding (a lookup, not a matmul);
         the output head counts whether tied or not."""
         d = self.d_model
-        matmul = self.num_params(embeddings=False) - (2 * self.n_layers + 1) * d + self.padded_vocab_size * d
+        norms = (2 * self.n_layers + 1 + int(self.embed_norm)) * d if self.norm_weights else 0
+        biases = self.n_layers * (self.n_heads + 2 * self.n_kv_heads) * self.head_dim if self.qkv_bias else 0
+        matmul = self.num_params(embeddings=False) - norms - biases + self.padded_vocab_size * d
         return 6 * matmul + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
 

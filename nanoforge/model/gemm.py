@@ -11,6 +11,12 @@ way) and kept in $NANOFORGE_HOME/cache/cpu_gemm.json, so every later run on the 
 run included, does the same arithmetic. oneDNN is chosen only when it is at least 1.25× faster.
 NANOFORGE_CPU_GEMM=onednn|torch overrides the measurement.
 
+`bf16_faster()` is the same kind of one-time measurement for `train.dtype = auto` on a CPU: bf16 products
+against the faster fp32 library, kept in cache/cpu_bf16.json. CPUs with bf16 matrix units (Intel AMX,
+~7× fp32 on a Sapphire Rapids core) train under bf16 autocast; CPUs that emulate bf16 (AVX2, where it is
+~4× *slower*) stay in fp32. bf16 is chosen only when its product is at least 2× faster, so that it also
+pays for the casts and the element-wise work autocast leaves in fp32.
+
     y = linear(x, w)          # x @ w.T, differentiable; oneDNN on CPU fp32 when chosen, else F.linear
     c = mm_nt(a, b)           # a @ b.T   (no autograd)
     c = mm_nn(a, b)           # a @ b     (no autograd)
@@ -37,6 +43,7 @@ ENV = "NANOFORGE_CPU_GEMM"
 MIN_SPEEDUP = 1.25
 MEASURE_SIZE = 1024
 MIN_ROWS = 4  # below this (one-token decoding) torch's GEMV has less overhead
+BF16_MIN_SPEEDUP = 2.0
 
 _choice: dict[int, bool] = {}  # torch thread count -> the decision, in this process
 _current = [False]  # the latest decision: what a graph traced by torch.compile keeps
@@ -133,16 +140,43 @@ def measure(size: int = MEASURE_SIZE, seconds: float = 0.2) -> tuple[float, floa
     fns = {"torch": lambda: a @ b.T}
     if onednn_available():
         fns["onednn"] = lambda: _onednn_nt(a, b)
-    best = {"torch": float("inf"), "onednn": float("inf")}
+    best = _fastest(fns, seconds)
+    return best["torch"], best.get("onednn", float("inf"))
+
+
+def bf16_faster(threads: int | None = None) -> bool:
+    """Whether bf16 matrix products are at least BF16_MIN_SPEEDUP× faster than fp32 ones on this CPU (measured
+    once per CPU, thread count and torch version; see the module doc)."""
+    key = machine_key(threads)
+    known = home.read_cache("cpu_bf16")
+    if isinstance(known.get(key), dict) and "bf16" in known[key]:
+        return bool(known[key]["bf16"])
+    a, b = torch.randn(MEASURE_SIZE, MEASURE_SIZE), torch.randn(MEASURE_SIZE, MEASURE_SIZE)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    fns = {"fp32": lambda: a @ b.T, "bf16": lambda: a16 @ b16.T}
+    if onednn_available():
+        fns["onednn"] = lambda: _onednn_nt(a, b)
+    best = _fastest(fns)
+    t32 = min(best["fp32"], best.get("onednn", float("inf")))
+    flops = 2 * MEASURE_SIZE ** 3
+    known[key] = {"bf16": best["bf16"] * BF16_MIN_SPEEDUP <= t32, "fp32_gflops": round(flops / t32 / 1e9, 1),
+                  "bf16_gflops": round(flops / best["bf16"] / 1e9, 1)}
+    home.write_cache("cpu_bf16", known)
+    return known[key]["bf16"]
+
+
+def _fastest(fns: dict[str, Any], seconds: float = 0.2) -> dict[str, float]:
+    """Fastest time of each function, run in alternating bursts (other load hits all alike)."""
+    best = {name: float("inf") for name in fns}
     for f in fns.values():  # warm up
         f()
     end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    while time.perf_counter() < end or any(t == float("inf") for t in best.values()):
         for name, f in fns.items():
             t0 = time.perf_counter()
             f()
             best[name] = min(best[name], time.perf_counter() - t0)
-    return best["torch"], best["onednn"]
+    return best
 
 
 def _eligible(*ts: torch.Tensor) -> bool:
@@ -208,10 +242,11 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias whose product goes through `linear` (same parameters and state dict)."""
+    """nn.Linear (no bias by default) whose product goes through `linear` (same parameters and state dict)."""
 
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        y = linear(x, self.weight)
+        return y if self.bias is None else y + self.bias

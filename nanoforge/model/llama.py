@@ -1,6 +1,10 @@
 """The LLaMA-style decoder: RMSNorm, rotary embeddings (rotate-half, as Hugging Face Llama), SwiGLU,
 grouped-query attention through F.scaled_dot_product_attention, no biases, optional tied embeddings.
 
+Options (ModelConfig) cover the other published architectures of this family with the same code:
+nanochat's 2025 model (`mlp="relu2"`, `qk_norm`, `embed_norm`, `norm_weights=False`, `logit_softcap=15`)
+and Qwen2 (`qkv_bias`). The defaults are the plain Llama above.
+
 Parameter names map one-to-one onto Hugging Face `LlamaForCausalLM` (see nanoforge/export/hf.py):
 tok_embeddings ↔ model.embed_tokens, layers.i.attention.wq ↔ model.layers.i.self_attn.q_proj, ...,
 feed_forward.w1/w3/w2 ↔ mlp.gate_proj/up_proj/down_proj, norm ↔ model.norm, output ↔ lm_head.
@@ -24,16 +28,19 @@ from nanoforge.model.gemm import Linear, add_mm_tn_, linear, mm_nn, mm_nt
 
 
 class RMSNorm(nn.Module):
-    """weight × x / rms(x); the mean of squares is reduced in float32 whatever the input dtype."""
+    """weight × x / rms(x); the mean of squares is reduced in float32 whatever the input dtype.
+    `weight=False` is the parameter-free norm nanochat uses (no tensor in the state dict)."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, weight: bool = True) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        if self.weight is None:
+            return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
         # Like HF Llama: normalise in fp32, cast back, then scale by the weight.
         y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
         return self.weight.to(x.dtype) * y
@@ -61,7 +68,7 @@ class KVCache:
 
     Two ways to use it. All rows at one length: `pos` is the number of positions already filled and the
     model advances it after the last layer. Rows at their own lengths (the inference engine, where rows
-    join and leave): `bind(rows, starts, kv_len)` before each forward says which cache rows the batch
+    join and leave): `bind(rows, starts, T)` before each forward says which cache rows the batch
     uses and where each row's new tokens go; `pos` is then left alone and the caller tracks lengths."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *,
@@ -71,31 +78,36 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
-        self.starts: torch.Tensor | None = None  # per-row mode: [B] position of each row's first new token
+        self.bound = False         # per-row mode (bind); the fields below describe the next forward
         self.rows = slice(0, batch_size)
+        self.starts: list[int] = []
+        self.start: int | None = None  # all rows start at the same position (no gathers, no row mask)
         self.kv_len = 0
-        self.positions: torch.Tensor | None = None  # [B, T], set by the model for the layers
-        self.mask: torch.Tensor | None = None       # [B, 1, T, kv_len]
+        self.positions: torch.Tensor | None = None  # [B, T] when rows start at different positions
+        self.mask: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.pos = 0
 
-    def bind(self, rows: slice, starts: torch.Tensor, kv_len: int) -> None:
-        """Per-row positions for the next forward: batch row i is cache row `rows.start + i`, its T new
-        tokens go to positions starts[i] .. starts[i] + T - 1, and it attends to keys 0 .. its own position
-        only (later slots hold padding or another turn's stale keys). `kv_len` = max(starts) + T, given
-        by the caller so no device sync is needed; it must not exceed `max_len`."""
-        self.rows, self.starts, self.kv_len = rows, starts, kv_len
+    def bind(self, rows: slice, starts: list[int], T: int) -> None:
+        """Per-row positions for the next forward of T tokens per row: batch row i is cache row
+        `rows.start + i`, its tokens go to positions starts[i] .. starts[i] + T - 1, and it attends to
+        keys 0 .. its own position only (later slots hold padding or another turn's stale keys).
+        max(starts) + T must not exceed `max_len`."""
+        self.bound, self.rows, self.starts = True, rows, list(starts)
+        self.kv_len = max(starts) + T
+        self.start = starts[0] if min(starts) == max(starts) else None
 
 
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        self.wq = Linear(c.d_model, c.n_heads * c.head_dim)
-        self.wk = Linear(c.d_model, c.n_kv_heads * c.head_dim)
-        self.wv = Linear(c.d_model, c.n_kv_heads * c.head_dim)
+        self.wq = Linear(c.d_model, c.n_heads * c.head_dim, bias=c.qkv_bias)
+        self.wk = Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.wv = Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.wo = Linear(c.n_heads * c.head_dim, c.d_model)
+        self.qk_norm_eps = c.norm_eps if c.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -104,14 +116,21 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_norm_eps is not None:  # nanochat: parameter-free, after the rotary
+            q = F.rms_norm(q, (self.head_dim,), None, self.qk_norm_eps)
+            k = F.rms_norm(k, (self.head_dim,), None, self.qk_norm_eps)
         attn_mask, is_causal = None, True
-        if cache is not None and cache.starts is not None:  # rows at their own positions
+        if cache is not None and cache.bound:  # rows at their own positions
             ck, cv = cache.k[layer, cache.rows], cache.v[layer, cache.rows]
-            b = torch.arange(B, device=x.device).unsqueeze(1)
-            ck[b, :, cache.positions] = k.transpose(1, 2)
-            cv[b, :, cache.positions] = v.transpose(1, 2)
+            if cache.start is not None:
+                ck[:, :, cache.start:cache.kv_len] = k
+                cv[:, :, cache.start:cache.kv_len] = v
+            else:
+                b = torch.arange(B, device=x.device).unsqueeze(1)
+                ck[b, :, cache.positions] = k.transpose(1, 2)
+                cv[b, :, cache.positions] = v.transpose(1, 2)
             k, v = ck[:, :, :cache.kv_len], cv[:, :, :cache.kv_len]
-            attn_mask, is_causal = cache.mask, False
+            attn_mask, is_causal = cache.mask, cache.start == 0 and T > 1
         elif cache is not None:
             p = cache.pos
             cache.k[layer, :B, :, p:p + T] = k
@@ -127,24 +146,26 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x); w1 = gate, w3 = up, w2 = down."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 = gate, w3 = up, w2 = down. mlp="relu2": w2(relu(w1 x)²), no w3."""
 
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         self.w1 = Linear(c.d_model, c.ffn_dim)
         self.w2 = Linear(c.ffn_dim, c.d_model)
-        self.w3 = Linear(c.d_model, c.ffn_dim)
+        self.w3 = Linear(c.d_model, c.ffn_dim) if c.mlp == "swiglu" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w3 is None:
+            return self.w2(F.relu(self.w1(x)).square())
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.attention_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.attention_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_weights)
         self.attention = Attention(c)
-        self.ffn_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.ffn_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_weights)
         self.feed_forward = FeedForward(c)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -160,7 +181,8 @@ class LLaMA(nn.Module):
         V = config.padded_vocab_size
         self.tok_embeddings = nn.Embedding(V, config.d_model)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.embed_norm = RMSNorm(config.d_model, config.norm_eps, config.norm_weights) if config.embed_norm else None
+        self.norm = RMSNorm(config.d_model, config.norm_eps, config.norm_weights)
         self.output = None if config.tie_embeddings else Linear(config.d_model, V)
         cos, sin = rope_cache(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -175,13 +197,17 @@ class LLaMA(nn.Module):
         for block in self.layers:
             for lin in (block.attention.wq, block.attention.wk, block.attention.wv,
                         block.feed_forward.w1, block.feed_forward.w3):
+                if lin is None:
+                    continue
                 bound = math.sqrt(3.0) / math.sqrt(lin.in_features)
                 lin.weight.uniform_(-bound, bound)
+                if lin.bias is not None:
+                    lin.bias.zero_()
             block.attention.wo.weight.zero_()
             block.feed_forward.w2.weight.zero_()
-            block.attention_norm.weight.fill_(1.0)
-            block.ffn_norm.weight.fill_(1.0)
-        self.norm.weight.fill_(1.0)
+        for norm in self.modules():
+            if isinstance(norm, RMSNorm) and norm.weight is not None:
+                norm.weight.fill_(1.0)
         if self.output is None:
             self.tok_embeddings.weight.normal_(0.0, c.d_model ** -0.5)
         else:
@@ -198,23 +224,36 @@ class LLaMA(nn.Module):
             self.rope_cos, self.rope_sin = cos, sin
         return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
 
+    def _rows_rope_and_mask(self, cache: KVCache, T: int, device: torch.device) -> tuple[Any, Any, Any, Any]:
+        """Rotary tables, positions [B, T] and attention mask for a bound cache. Rows at one start need
+        neither gathers nor a row mask: one token sees every key; a block from position 0 is causal."""
+        self._rope(0, cache.kv_len)
+        if cache.start is not None:
+            s, mask = cache.start, None
+            if s > 0 and T > 1:
+                mask = torch.ones(T, s + T, dtype=torch.bool, device=device).tril(diagonal=s)
+            cos, sin = self._rope(s, T)
+            return cos, sin, None, mask
+        starts = torch.tensor(cache.starts, device=device)
+        pos = starts.unsqueeze(1) + torch.arange(T, device=device)  # [B, T]
+        keys = torch.arange(cache.kv_len, device=device)
+        mask = (keys <= pos.unsqueeze(-1)).unsqueeze(1)              # [B, 1, T, kv_len]
+        return self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1), pos, mask
+
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, d_model]."""
         B, T = idx.shape
         x = self.tok_embeddings(idx)
-        if cache is not None and cache.starts is not None:
-            pos = cache.starts.unsqueeze(1) + torch.arange(T, device=idx.device)  # [B, T]
-            self._rope(0, cache.kv_len)
-            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # [B, 1, T, D]
-            cache.positions = pos
-            keys = torch.arange(cache.kv_len, device=idx.device)
-            cache.mask = (keys <= pos.unsqueeze(-1)).unsqueeze(1)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        if cache is not None and cache.bound:
+            cos, sin, cache.positions, cache.mask = self._rows_rope_and_mask(cache, T, idx.device)
         else:
             start = cache.pos if cache is not None else 0
             cos, sin = self._rope(start, T)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i)
-        if cache is not None and cache.starts is None:
+        if cache is not None and not cache.bound:
             cache.pos += T
         return self.norm(x)
 
@@ -222,7 +261,9 @@ class LLaMA(nn.Module):
         w = self.tok_embeddings.weight if self.output is None else self.output.weight
         logits = linear(h, w)
         V = self.config.vocab_size
-        return logits[..., :V] if logits.shape[-1] != V else logits
+        logits = logits[..., :V] if logits.shape[-1] != V else logits
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits.float() / cap) if cap else logits
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 *, cache: KVCache | None = None, reduction: str = "mean") -> Any:
@@ -234,7 +275,7 @@ class LLaMA(nn.Module):
             return self.logits(h).float()
         targets = _masked_targets(targets, mask)
         if reduction == "mean" and torch.is_grad_enabled() and h.dtype == torch.float32 \
-                and not torch.is_autocast_enabled(h.device.type):
+                and not self.config.logit_softcap and not torch.is_autocast_enabled(h.device.type):
             w = self.tok_embeddings.weight if self.output is None else self.output.weight
             return LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), w[:self.config.vocab_size],
                                             targets.reshape(-1))

@@ -140,6 +140,8 @@ def conversation_turns(conv: Any, *, source: str | None = None) -> list[Turn]:
             c = "".join(texts)
         if c is None and allow_empty:
             c = ""
+        if c is None:
+            fail(i, f"the {msgs[i]['role']} message has no content")
         if not isinstance(c, str):
             fail(i, f"content is {type(c).__name__}, expected a string")
         if not c and not allow_empty:

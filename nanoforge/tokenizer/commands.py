@@ -1,4 +1,5 @@
-"""`nanoforge tokenizer train|eval|export-hf|import-hf|import-nanochat`: thin wrappers over the library."""
+"""`nanoforge tokenizer train|eval|export-hf|import-hf|import-nanochat|import-tiktoken`: thin wrappers over
+the library."""
 
 from __future__ import annotations
 
@@ -30,12 +31,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
     p = subparser(tsub, "eval", "compare tokenizers with GerTokEval's metrics (tables, JSON, plots)",
-                  "nanoforge tokenizer eval --config tokenizers.json --data ~/corpus/de --samples 1000 --out eval/")
+                  "nanoforge tokenizer eval --config tokenizers.json --data ~/corpus/de --samples 1000 --out eval/\n"
+                  "  nanoforge tokenizer eval --config tokenizers.json --datasets dataset-configs.json --out eval/")
     p.add_argument("--config", required=True,
                    help='JSON: {"name": {"class": "huggingface"|"nanoforge", "path": ...}, ...}')
-    p.add_argument("--data", required=True, nargs="+", help="evaluation text: corpus folder(s) or file(s)")
-    p.add_argument("--samples", type=int, default=None, help="use the first N documents (default: all)")
+    p.add_argument("--data", nargs="+", help="evaluation text: corpus folder(s) or file(s)")
+    p.add_argument("--datasets", help="GerTokEval dataset-configs.json: several datasets, per-dataset tables, "
+                   "plots and the fairness Gini across them (instead of --data)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="use the first N non-empty texts (per dataset with --datasets; default: all)")
     p.add_argument("--unit", default="bytes", choices=["bytes", "words"], help="fertility denominator")
+    p.add_argument("--cost-unit", default="texts", choices=["texts", "bytes", "words"],
+                   help="unit of the Gini's cost and the compression ratio (GerTokEval's default: texts)")
+    p.add_argument("--gertokeval-bold", action="store_true",
+                   help="bold the highest tokens/line as GerTokEval's tables do (ours: lowest is best)")
     p.add_argument("--out", required=True, help="folder for results.md/.tex/.csv/.json and plots")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_eval)
@@ -55,13 +64,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_import_hf)
 
     p = subparser(tsub, "import-nanochat", "import a nanochat tokenizer folder (tokenizer.pkl)",
-                  "nanoforge tokenizer import-nanochat ~/.cache/nanochat/tokenizer --name nanochat --trust-pickle")
-    p.add_argument("src", help="nanochat tokenizer folder (holds tokenizer.pkl) or the .pkl file")
+                  "nanoforge tokenizer import-nanochat ~/.cache/nanochat/tokenizer --name nanochat")
+    p.add_argument("src", help="nanochat tokenizer folder (holds tokenizer.pkl) or the .pkl file; read by a "
+                               "restricted unpickler that runs no code")
     p.add_argument("--name", required=True)
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow loading the pickle (pickles can run arbitrary code: only for files you trust)")
+    p.add_argument("--trust-pickle", action="store_true", help=argparse.SUPPRESS)  # no longer needed
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_import_nanochat)
+
+    p = subparser(tsub, "import-tiktoken", "import a tiktoken rank file (Qwen2.5's qwen.tiktoken, cl100k_base, ...)",
+                  "nanoforge tokenizer import-tiktoken qwen.tiktoken --pattern qwen2 "
+                  "--specials '<|endoftext|>,<|im_start|>,<|im_end|>' --name qwen2.5")
+    p.add_argument("src", help='a *.tiktoken file: one "base64(token) rank" per line')
+    p.add_argument("--name", required=True)
+    p.add_argument("--pattern", required=True,
+                   help="the split regex, or a known name: nanochat, cl100k, qwen2")
+    p.add_argument("--specials", default="",
+                   help="comma-separated special tokens of the file, TOKEN (next free id) or TOKEN=ID; our nine "
+                        "chat specials that are missing are appended after them")
+    p.add_argument("--no-chat-specials", action="store_true", help="do not append the chat special tokens")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_import_tiktoken)
 
     group.set_defaults(func=lambda args: group.print_help() or 2)
 
@@ -86,7 +110,9 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from nanoforge.tokenizer.metrics import evaluate_tokenizers
 
-    result = evaluate_tokenizers(args.config, args.data, samples=args.samples, unit=args.unit, out=args.out)
+    result = evaluate_tokenizers(args.config, args.data, samples=args.samples, unit=args.unit,
+                                 cost_unit=args.cost_unit, datasets=args.datasets,
+                                 gertokeval_bold=args.gertokeval_bold, out=args.out)
     _print(result["summary"], args.json, result["tables"]["md"])
     return 0
 
@@ -110,5 +136,18 @@ def _import_hf(args: argparse.Namespace) -> int:
 def _import_nanochat(args: argparse.Namespace) -> int:
     from nanoforge.tokenizer.formats import import_nanochat
 
-    print(import_nanochat(args.src, name=args.name, trust_pickle=args.trust_pickle, force=args.force))
+    print(import_nanochat(args.src, name=args.name, force=args.force))
+    return 0
+
+
+def _import_tiktoken(args: argparse.Namespace) -> int:
+    from nanoforge.tokenizer import Tokenizer
+    from nanoforge.tokenizer.formats import import_tiktoken
+
+    path = import_tiktoken(args.src, name=args.name, pattern=args.pattern, specials=args.specials.split(","),
+                           add_chat_specials=not args.no_chat_specials, force=args.force)
+    tok = Tokenizer.load(path)
+    _print({"path": str(path), "vocab_size": tok.vocab_size, "special_tokens": tok.special_tokens,
+            "fingerprint": tok.fingerprint}, args.json,
+           f"{path} ({tok.vocab_size} ids, {len(tok.special_tokens)} special tokens)")
     return 0

@@ -121,6 +121,11 @@ def chat_template() -> str:
 
 
 def _with_chat_normalizer(d: dict[str, Any]) -> dict[str, Any]:
+    from nanoforge.tokenizer.chat import CHAT_SPECIALS
+
+    for t in d.get("added_tokens") or []:
+        if t.get("content") in CHAT_SPECIALS:
+            t["normalized"] = False  # matched on the raw text, before the escape is undone
     norm = d.get("normalizer")
     d["normalizer"] = {"type": "Sequence", "normalizers": [*CHAT_NORMALIZERS, *([norm] if norm else [])]}
     return d

@@ -29,14 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     for phase, what, example in (
             ("sft", "supervised fine-tuning of a base (or mid) checkpoint on conversations",
-             "nanoforge train sft --from demo --data chat.jsonl --tag demo"),
+             "nanoforge train sft --from demo --data default --tag demo"),
             ("mid", "mid-training of a base checkpoint on a chat mixture (every token learned)",
              "nanoforge train mid --from demo --data mixture.toml --tag demo")):
         p = subparser(tsub, phase, what, example)
         p.add_argument("--from", dest="from_checkpoint", required=True,
                        help="the checkpoint to start from: a tag name, tag folder or model file")
         p.add_argument("--data", required=True,
-                       help="conversations: a JSONL/JSON/parquet file, a mixture TOML, or a folder with train/ (and val/)")
+                       help="conversations: a JSONL/JSON/parquet file, a mixture TOML, a folder with train/ (and val/), "
+                       "or 'default' (the offline default chat data)")
         p.add_argument("--val", default=None, help="held-out conversations for validation (default: the data's val/ "
                        "split, else sft.val_conversations held out of --data)")
         p.add_argument("--config", default=None, help="a TOML config file (applied after the phase defaults)")

@@ -302,7 +302,7 @@ class _Trainer:
             model = torch.compile(model)
         self.model = model
         self.optimizer = build_optimizer(model, tc, self.device.type)
-        self.autocast = _autocast_dtype(tc.dtype, self.device)
+        self.autocast = _autocast_dtype(tc.dtype, self.device, resume_meta, info)
 
         self.loader = self.data.loader(self.cfg, info, self.device)
         start_step = 0
@@ -322,7 +322,8 @@ class _Trainer:
             _truncate_metrics(self.run_dir / "metrics.jsonl", start_step)
             progress.log(f"{mc.num_params():,} parameters, {self.max_steps} steps × {tc.total_batch_tokens:,} tokens "
                          f"({self.accum} micro-steps × {info.world_size} processes), {tc.optimizer}, device "
-                         f"{self.device}{f', resuming at step {start_step}' if start_step else ''}")
+                         f"{self.device}{', bf16 autocast' if self.autocast == torch.bfloat16 else ''}"
+                         f"{f', resuming at step {start_step}' if start_step else ''}")
         return self._loop(start_step, resume_meta)
 
     def _check_resume(self, mc: Any) -> dict[str, Any] | None:
@@ -475,6 +476,7 @@ class _Trainer:
                 "loss": last["loss"], "val_bpb": last["val_bpb"], "val": last["val"],
                 "skipped_steps": last["skipped_steps"], "world_size": info.world_size,
                 "parallel": self.tc.parallel if info.enabled else None,
+                "autocast": "bfloat16" if self.autocast == torch.bfloat16 else "float32",
                 "loader": loaders, "rng": rngs, "torch": torch.__version__, "time": time.time()}
         path = ckpt.save_checkpoint(self.ckpt_dir, step, model_state, optim_state, meta)
         ckpt.prune_checkpoints(self.ckpt_dir, keep_last=max(1, self.tc.keep_last))
@@ -561,10 +563,30 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+def _autocast_dtype(dtype: str, device: torch.device, resume_meta: dict[str, Any] | None = None,
+                    info: D.DistInfo | None = None) -> torch.dtype | None:
+    """bf16 autocast (fp32 weights and optimizer state) or None (fp32). `auto`: bf16 on CUDA, and on a CPU
+    whose bf16 products were measured clearly faster (gemm.bf16_faster); a resumed run keeps the choice its
+    checkpoint recorded, so that it does the same arithmetic on a machine that measures differently; under
+    torchrun every rank takes rank 0's measurement."""
+    if dtype == "bfloat16":
         return torch.bfloat16
-    return None
+    if dtype != "auto":
+        return None
+    if resume_meta is not None and "autocast" in resume_meta:
+        return torch.bfloat16 if resume_meta["autocast"] == "bfloat16" else None
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type != "cpu":
+        return None
+    from nanoforge.model import gemm
+
+    choice = gemm.bf16_faster() if info is None or info.is_main else False
+    if info is not None and info.enabled:
+        flag = torch.tensor([int(choice)])
+        torch.distributed.broadcast(flag, src=0)
+        choice = bool(flag.item())
+    return torch.bfloat16 if choice else None
 
 
 def _flag(value: str, auto: bool) -> bool:

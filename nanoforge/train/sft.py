@@ -34,9 +34,10 @@ ASSISTANT_END = "<|assistant_end|>"
 
 def train_sft(from_checkpoint: str | Path, data: str | Path, *, tag: str, phase: str = "sft",
               val: str | Path | None = None, config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-              run: str | None = None, resume: bool = False) -> dict[str, Any]:
+              run: str | None = None, resume: bool = False, own_run: bool = False) -> dict[str, Any]:
     """Fine-tune the checkpoint `from_checkpoint` (a base checkpoint, or a mid one for sft) on the
-    conversations of `data` (a file, a mixture TOML, or a folder with train/ and val/ splits); checkpoints go
+    conversations of `data` (a file, a mixture TOML, a folder with train/ and val/ splits, or "default": the
+    offline default chat data, built on first use); checkpoints go
     to checkpoints/<phase>/<tag>/. Returns the loop's summary plus `conversations`, `truncated`, `dropped`,
     `val_loss`, `val_bpb` (held-out), `base_val_loss`/`base_val_bpb` (the --from model on the same held-out
     conversations, before training) and `from`.
@@ -51,6 +52,10 @@ def train_sft(from_checkpoint: str | Path, data: str | Path, *, tag: str, phase:
         raise UserError(f"--from {from_checkpoint} is a checkpoint of phase {source_phase}; train {phase} starts "
                         f"from a {' or '.join(PHASE_SOURCES[phase])} checkpoint")
     tokenizer = checkpoint_tokenizer(meta, f"{folder}")
+    if str(data) == "default":
+        from nanoforge.data.chat import default_chat_data
+
+        data = default_chat_data()
     cfg = phase_config(meta, phase, config=config, overrides=overrides)
     chat = ChatData(tokenizer, data, val=val, base=(folder, step, meta), sft=cfg.sft, seq_len=cfg.train.seq_len,
                     seed=cfg.train.seed)
@@ -67,7 +72,7 @@ def train_sft(from_checkpoint: str | Path, data: str | Path, *, tag: str, phase:
                                               device=next(base_model.parameters()).device,
                                               max_batches=cfg.train.eval_batches or None, pad_id=chat._pad_id())
         del base_model
-    summary = train(cfg, data=chat, tag=tag, run=run, phase=phase, resume=resume)
+    summary = train(cfg, data=chat, tag=tag, run=run, phase=phase, resume=resume, own_run=own_run)
     summary.update(chat.summary())
     return summary
 
