@@ -37,8 +37,8 @@ def train_rl(from_checkpoint: str | Path, data: str | Path | Sequence[Any] | Non
              overrides: Sequence[str] = (), run: str | None = None, resume: bool = False,
              allow_base: bool = False) -> dict[str, Any]:
     """RL from the chat checkpoint `from_checkpoint` on the problems of `data` (a file, a mixture TOML, a
-    folder with train/ and val/ splits, or loaded conversations; None: the default chat data's arithmetic
-    problems); checkpoints go to checkpoints/rl/<tag>/. Held-out prompts: `val`, else the val/ split, else
+    folder with train/ and val/ splits, or loaded conversations; None or "default": the offline default
+    chat data, whose arithmetic word problems are the ones with answers); checkpoints go to checkpoints/rl/<tag>/. Held-out prompts: `val`, else the val/ split, else
     rl.eval_prompts problems held out of `data`. Returns the loop's summary plus pass@1 / pass@k / their
     standard error before (`*_start`) and after RL, the last step's reward and zero-variance fraction.
     Refuses (UserError): a base checkpoint (RL wants a chat model; `allow_base` turns that into a
@@ -116,7 +116,7 @@ def rl_config(meta: dict[str, Any], *, config: str | Path | None = None, overrid
 
 def _rl_sources(data: Any, val: Any) -> tuple[Any, Any, str, str]:
     """(train source, held-out source or None, their names) for `data`/`val` as train_rl takes them."""
-    if data is None:
+    if data is None or str(data) in ("", "default"):
         from nanoforge.data.chat import default_chat_data
 
         data = default_chat_data()
