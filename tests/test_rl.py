@@ -312,3 +312,46 @@ def test_train_rl_under_torchrun_with_two_processes(sft_checkpoint, tmp_path) ->
     rows = [json.loads(line) for line in (home.run_dir("rl-ddp") / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == [1, 2] and all(x["sampled_tokens"] > 0 for x in rows)
     assert "pass@1" in rows[-1] and meta["val"]["pass@1"] == rows[-1]["pass@1"]
+
+
+# --- the speedrun and ablation plumbing of the chat stages ------------------------------------------------------
+def test_ablation_grid_takes_sft_and_rl_keys_as_axes(tmp_path, monkeypatch) -> None:
+    import nanoforge.pipeline.ablate as ablate_mod
+    from nanoforge.pipeline.ablate import ablate, comparison_table
+    from nanoforge.pipeline.speedrun import phase_overrides
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[base]\npreset = "ci"\nset = ["speedrun.until=\\"rl\\""]\n\n'
+                    '[axes]\n"rl.group_size" = [2, 4]\n"sft.epochs" = [0.01]\n')
+    calls = []
+
+    def fake_speedrun(preset, **kw):
+        calls.append(kw["overrides"])
+        g = int(next(o for o in kw["overrides"] if o.startswith("rl.group_size")).split("=")[1])
+        return {"report": str(grid), "rl_pass1_after": 0.1 * g, "rl_pass1_stderr_after": 0.05,
+                "chat_eval": {"sft": {"arithmetic_chat exact_match": 0.1}, "rl": {"arithmetic_chat exact_match": 0.05 * g}}}
+
+    monkeypatch.setattr(ablate_mod, "speedrun", fake_speedrun)
+    result = ablate(grid, name="g")
+    assert [c["values"] for c in result["cells"]] == [{"rl.group_size": 2, "sft.epochs": 0.01},
+                                                     {"rl.group_size": 4, "sft.epochs": 0.01}]
+    # each cell's RL/SFT settings reach train rl / train sft, after the preset's own
+    rl_sets = phase_overrides("rl", "ci", None, calls[1])
+    assert rl_sets[-1] == "rl.group_size=4" and "rl.max_steps=4" in rl_sets
+    assert phase_overrides("sft", "ci", None, calls[0])[-1] == "sft.epochs=0.01"
+    table = comparison_table(result["cells"], ["rl.group_size", "sft.epochs"])
+    assert table["columns"] == ["group_size", "epochs", "chat arithmetic_chat exact_match", "RL pass@1"]
+    assert "**0.4000**" in table["md"] and "0.2000 ~" not in table["md"]  # 0.2 is 0.2 away: outside one stderr
+
+
+def test_report_html_opens_with_results_and_folds_the_configuration(tmp_path) -> None:
+    from nanoforge.pipeline.report import markdown_to_html
+
+    md = "\n".join(["# r", "## Headline", "| a | b |", "|---|---|", "| 1 | 2 |", "",
+                    "<details><summary>Hardware, software and configuration</summary>", "", "## Configuration",
+                    "```toml", "a = 1 <b>", "```", "</details>"])
+    html = markdown_to_html(md, tmp_path)
+    assert html.index("<h2>Headline</h2>") < html.index("<details><summary>") < html.index("<h2>Configuration")
+    assert "a = 1 &lt;b&gt;" in html and html.count("</details>") == 1
+    # only our own fixed lines pass through as HTML: anything else is escaped
+    assert "&lt;details onclick" in markdown_to_html('<details onclick="x()">', tmp_path)

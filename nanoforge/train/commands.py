@@ -56,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="the chat (sft) checkpoint to start from: a tag folder, a model file or a tag name")
     rl.add_argument("--data", default=None,
                     help="problems: chat data whose assistant answers end in '#### n' (JSONL/JSON/parquet, a "
-                         "mixture TOML, or a folder with train/ and val/); default: the offline arithmetic set")
+                         "mixture TOML, a folder with train/ and val/, or `default`: the offline arithmetic "
+                         "problems of the default chat data, also used when --data is not given)")
     rl.add_argument("--val", default=None, help="held-out problems for pass@k (default: the val/ split, else "
                                                 "rl.eval_prompts problems held out of --data)")
     rl.add_argument("--tag", required=True, help="checkpoint folder name (checkpoints/rl/TAG)")

@@ -37,8 +37,8 @@ def train_rl(from_checkpoint: str | Path, data: str | Path | Sequence[Any] | Non
              overrides: Sequence[str] = (), run: str | None = None, resume: bool = False,
              allow_base: bool = False) -> dict[str, Any]:
     """RL from the chat checkpoint `from_checkpoint` on the problems of `data` (a file, a mixture TOML, a
-    folder with train/ and val/ splits, or loaded conversations; None: the default chat data's arithmetic
-    problems); checkpoints go to checkpoints/rl/<tag>/. Held-out prompts: `val`, else the val/ split, else
+    folder with train/ and val/ splits, or loaded conversations; None or "default": the offline default
+    chat data, whose arithmetic word problems are the ones with answers); checkpoints go to checkpoints/rl/<tag>/. Held-out prompts: `val`, else the val/ split, else
     rl.eval_prompts problems held out of `data`. Returns the loop's summary plus pass@1 / pass@k / their
     standard error before (`*_start`) and after RL, the last step's reward and zero-variance fraction.
     Refuses (UserError): a base checkpoint (RL wants a chat model; `allow_base` turns that into a
@@ -79,6 +79,10 @@ def train_rl(from_checkpoint: str | Path, data: str | Path | Sequence[Any] | Non
         source.start_scores = dict(home.read_json(ckpt_dir / f"meta_{existing[-1]:06d}.json",
                                                   "checkpoint meta").get("start_val") or {})
     summary = train(cfg, data=source, tag=tag, run=run, phase="rl", resume=resume)
+    if source.no_signal_steps and source.no_signal_steps == source.steps_run and summary.get("rank", 0) == 0:
+        progress.warn(f"no reward signal in any of the {source.steps_run} steps: every group's samples were all "
+                      f"right or all wrong, so the gradient was 0 (RL sharpens what the model can sometimes do; "
+                      f"train SFT longer, or raise rl.group_size / rl.temperature)")
     summary.update({f"{k}_start": v for k, v in source.start_scores.items()})
     summary.update({"k": rc.eval_samples, "group_size": rc.group_size, "problems": len(problems),
                     "held_out": len(held_out), "from": f"{folder} step {step}",
@@ -116,7 +120,7 @@ def rl_config(meta: dict[str, Any], *, config: str | Path | None = None, overrid
 
 def _rl_sources(data: Any, val: Any) -> tuple[Any, Any, str, str]:
     """(train source, held-out source or None, their names) for `data`/`val` as train_rl takes them."""
-    if data is None:
+    if data is None or str(data) in ("", "default"):
         from nanoforge.data.chat import default_chat_data
 
         data = default_chat_data()
@@ -395,6 +399,7 @@ class RLData:
         self.data, self.held_out_source = data, held_out_source
         self.start_scores: dict[str, Any] = {}
         self.last: dict[str, Any] = {}
+        self.steps_run = self.no_signal_steps = 0  # in this process (for the no-signal warning)
         self.ref: torch.nn.Module | None = None
         self._engine: Any = None
         self._engine_model: Any = None
@@ -494,6 +499,8 @@ class RLData:
                      "stop_frac": round(total[6].item() / n, 6), "rollout_time": round(time.perf_counter() - t0, 4)}
         if step == 0 and self.start_scores:
             self.last.update({f"start_{k}": v for k, v in self.start_scores.items()})
+        self.steps_run += 1
+        self.no_signal_steps += self.last["zero_variance_frac"] == 1.0
         return [(b["inputs"], b["targets"], b["mask"], b["advantages"]) for b in batches]
 
     def micro_loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...], scale: float) -> torch.Tensor:
