@@ -35,7 +35,7 @@ SOURCE_PHASES = ("sft", "mid", "rl")
 def train_rl(from_checkpoint: str | Path, data: str | Path | Sequence[Any] | None = None, *, tag: str,
              val: str | Path | Sequence[Any] | None = None, config: str | Path | None = None,
              overrides: Sequence[str] = (), run: str | None = None, resume: bool = False,
-             allow_base: bool = False) -> dict[str, Any]:
+             allow_base: bool = False, own_run: bool = False) -> dict[str, Any]:
     """RL from the chat checkpoint `from_checkpoint` on the problems of `data` (a file, a mixture TOML, a
     folder with train/ and val/ splits, or loaded conversations; None: the default chat data's arithmetic
     problems); checkpoints go to checkpoints/rl/<tag>/. Held-out prompts: `val`, else the val/ split, else
@@ -78,7 +78,7 @@ def train_rl(from_checkpoint: str | Path, data: str | Path | Sequence[Any] | Non
     if resume and existing:
         source.start_scores = dict(home.read_json(ckpt_dir / f"meta_{existing[-1]:06d}.json",
                                                   "checkpoint meta").get("start_val") or {})
-    summary = train(cfg, data=source, tag=tag, run=run, phase="rl", resume=resume)
+    summary = train(cfg, data=source, tag=tag, run=run, phase="rl", resume=resume, own_run=own_run)
     summary.update({f"{k}_start": v for k, v in source.start_scores.items()})
     summary.update({"k": rc.eval_samples, "group_size": rc.group_size, "problems": len(problems),
                     "held_out": len(held_out), "from": f"{folder} step {step}",
