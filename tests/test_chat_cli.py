@@ -146,3 +146,19 @@ def test_terminal_chat_through_a_pty(chat_ckpt: Path) -> None:
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_chat_render_prints_one_line_of_a_file(chat_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from nanoforge.tokenizer.chat import format_rendered
+
+    _, tok, _ = load_checkpoint(chat_ckpt)
+    convs = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+             {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]}]
+    data = tmp_path / "c.jsonl"
+    data.write_text("\n".join(json.dumps(c) for c in convs) + "\n")
+    assert main(["chat", "render", str(data), "--line", "2", "--tokenizer", str(tok.path)]) == 0
+    out = capsys.readouterr().out
+    ids, mask = tok.render_conversation(convs[1])
+    assert out.splitlines()[0].endswith(f"{len(ids)} tokens, {sum(mask)} supervised")
+    assert format_rendered(tok, ids, mask, color=False) in out
+    assert main(["chat", "render", str(data)]) == 2

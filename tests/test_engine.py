@@ -241,9 +241,26 @@ def test_greedy_equals_transformers_generate_on_the_export(loaded: tuple, tmp_pa
     ckpt, model, tok = loaded
     out = export_hf(ckpt, tmp_path / "hf", force=True)
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # ten tokens each side, stop tokens included
     prompts = [tok.encode(p, bos=True) for p in PROMPTS[:3]]
     ours = Engine(model, tok).generate(prompts, _no_stops(max_tokens=10))
     for p, c in zip(prompts, ours):
-        ref = hf.generate(torch.tensor([p]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
                           pad_token_id=0)[0, len(p):].tolist()
         assert c.ids == ref
+
+
+@pytest.mark.parametrize("options", [{"mlp": "relu2", "qk_norm": True, "embed_norm": True, "norm_weights": False,
+                                      "logit_softcap": 15.0}, {"qkv_bias": True}])
+def test_model_options_decode_in_batches_as_recomputed(options: dict) -> None:
+    from nanoforge.model import LLaMA, ModelConfig
+
+    torch.manual_seed(0)
+    model = LLaMA(ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
+                              vocab_size=300, max_seq_len=128, **options))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    prompts = [[1, 5, 9, 200], [7, 8], [3, 4, 5, 6, 7, 8, 9]]
+    out = Engine(model, None).generate(prompts, SamplingParams(max_tokens=8, stop_token_ids=()))
+    assert [c.ids for c in out] == [_greedy_recompute(model, p, 8) for p in prompts]

@@ -154,8 +154,7 @@ class TerminalChat:
             if name == "/help":
                 self._w(HELP + "\n")
             elif name == "/clear":
-                self.messages = []
-                self.session.reset()
+                self.messages = []  # the session keeps its cache: a conversation that starts alike reuses it
                 self._w("conversation cleared\n", "dim")
             elif name == "/system":
                 self.system = arg or None

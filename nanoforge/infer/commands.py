@@ -19,6 +19,8 @@ def _sampling_flags(p: argparse.ArgumentParser, *, temperature: float, top_k: in
     p.add_argument("--max-new-tokens", type=int, default=max_new)
     p.add_argument("--tokenizer", default=None, help="override the tokenizer named in the checkpoint meta")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is often fastest for small models on a busy CPU)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = subparser(sub, "chat", "chat with a checkpoint in the terminal (or: chat render FILE shows a conversation's tokens)",
                   'nanoforge chat sft/d20 -p "Was ist 12*7?" --json\n  nanoforge chat render data.jsonl --line 3 --tokenizer de32k')
     p.add_argument("checkpoint", help="a chat checkpoint (tag folder, model file or tag name), or `render`")
-    p.add_argument("file", nargs="?", help="(render) a .jsonl of conversations or a .json conversation")
+    p.add_argument("file", nargs="?", help="(render) a file of conversations")
     p.add_argument("-p", "--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--system", default=None, help="system prompt")
     _sampling_flags(p, temperature=0.6, top_k=50, max_new=512)
@@ -43,12 +45,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at <|assistant_end|> (for benchmarks)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (worth it on CUDA)")
     p.add_argument("--no-color", action="store_true")
-    p.add_argument("--line", type=int, default=1, help="(render) which line of the .jsonl (1-based)")
+    p.add_argument("--line", type=int, default=None, help="(render) only the conversation on this line (1-based)")
     p.set_defaults(func=_chat)
 
 
 def _params(args: argparse.Namespace, stop=None, stop_token_ids=None):
+    """The sampling parameters of the flags (checked before anything loads); applies --threads."""
     from nanoforge.infer.engine import SamplingParams
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                           max_tokens=args.max_new_tokens, stop=tuple(stop or ()), stop_token_ids=stop_token_ids)
@@ -107,37 +115,17 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from nanoforge.data.chat import render_file
     from nanoforge.errors import UserError
     from nanoforge.tokenizer import Tokenizer
-    from nanoforge.tokenizer.chat import format_rendered
 
     if not args.file:
-        raise UserError("chat render needs a FILE (.jsonl of conversations or a .json conversation)")
+        raise UserError("chat render needs a FILE (conversations: .jsonl, .json, .parquet)")
     if not args.tokenizer:
         raise UserError("chat render needs --tokenizer NAME_OR_PATH")
-    path = Path(args.file)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    source = str(path)
-    if path.suffix == ".jsonl":
-        if not 1 <= args.line <= len(lines):
-            raise UserError(f"{path} has {len(lines)} lines; --line {args.line} is out of range")
-        text, source = lines[args.line - 1], f"{path}:{args.line}"
-    else:
-        text = "\n".join(lines)
-    try:
-        conv = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{source}: not JSON ({e.msg})") from None
     tok = Tokenizer.load(args.tokenizer)
-    ids, mask = tok.render_conversation(conv, source=source)
-    color = sys.stdout.isatty() and not args.no_color
-    print(format_rendered(tok, ids, mask, color=color))
-    print(f"{len(ids)} tokens, {sum(mask)} supervised")
+    print(render_file(tok, args.file, line=args.line, color=sys.stdout.isatty() and not args.no_color))
+    return 0
 
 
 def register_serve(sub: argparse._SubParsersAction) -> None:
