@@ -55,6 +55,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     torn = root / "torn_tokens"
     shutil.copytree(tokens, torn)
     (torn / "train_docs.npy").write_bytes(np.random.default_rng(0).bytes(400))
+    (root / "one.txt").write_text("Ein einziges Dokument.")
     grid = root / "grid.toml"
     grid.write_text('[base]\npreset = "ci"\nset = "train.max_steps=5"\n[axes]\n"train.lr" = [1e-3, 2e-3]\n')
     tasks = root / "tasks"
@@ -62,7 +63,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {
         "ROOT": str(root), "CORPUS": str(corpus), "TOK": str(tok), "TOKENS": str(tokens), "INTS": str(ints),
         "CKPT": str(root / "home" / "checkpoints" / "base" / "c"), "BADJSONL": str(bad_jsonl),
-        "TOKCFG": str(tok_config), "TORN": str(torn), "GRID": str(grid),
+        "TOKCFG": str(tok_config), "ONEDOC": str(root / "one.txt"), "TORN": str(torn), "GRID": str(grid),
         "MODELFILE": str(next((root / "home" / "checkpoints" / "base" / "c").glob("model_*.safetensors"))),
         "T_NOCHOICE": str(_task(tasks, "nochoice", [{**MC_DOC, "choices": []}])),
         "T_REGEX": str(_task(tasks, "badregex", [MC_DOC], output_type="generate_until", doc_to_target="{{question}}",
@@ -102,6 +103,7 @@ CASES = [
     # every document in validation
     ("data tokenize --corpus CORPUS --tokenizer TOK --out ROOT/o/k2 --val-docs 500 --workers 1", 2,
      "went to validation"),
+    ("data tokenize --corpus ONEDOC --tokenizer TOK --out ROOT/o/k3 --workers 1", 2, "the only document of corpus"),
     # eval, sample, import
     ("eval bpb CKPT --tokens TOKENS --device bogus", 2, "--device 'bogus' is not a device"),
     ("eval bpb CKPT --tokens TOKENS --seq-len 100000", 2, "longer than the model's context"),

@@ -342,8 +342,9 @@ def _finish_meta(out: Path, name: str, tok: Any, config: dict, corpus: Sequence)
             raise UserError(f"corpus {', '.join(map(str, corpus))} holds no non-empty documents")
         how = f"--val-docs {config['val_docs']}" if config["val_docs"] is not None else \
             f"--val-fraction {config['val_fraction']}"
-        raise UserError(f"all {total['documents']:,} documents of corpus {', '.join(map(str, corpus))} went to "
-                        f"validation ({how}): nothing is left to train on; lower --val-docs or --val-fraction")
+        which = "the only document" if total["documents"] == 1 else f"all {total['documents']:,} documents"
+        raise UserError(f"{which} of corpus {', '.join(map(str, corpus))} went to validation ({how}): nothing "
+                        f"is left to train on; give more documents, or lower --val-docs or --val-fraction")
     tokens = max(total["tokens"], 1)
     meta = {
         "name": name, "format_version": shards.VERSION, "nanoforge_version": __version__,

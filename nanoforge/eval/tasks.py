@@ -21,7 +21,7 @@ from nanoforge import progress
 from nanoforge.errors import UserError
 from nanoforge.eval import metrics as M
 from nanoforge.eval.scoring import encode_pair
-from nanoforge.eval.taskspec import TaskError, TaskSpec, load_task
+from nanoforge.eval.taskspec import TaskError, TaskSpec, check_metrics, load_task
 
 
 def _model_and_tokenizer(checkpoint_or_model: Any, tokenizer: Any, device: str) -> tuple[Any, Any, dict[str, Any]]:
@@ -138,6 +138,7 @@ def run_tasks(checkpoint_or_model: Any, tasks: Sequence[str | os.PathLike | Task
         home_mod.ensure_parent(out, "results file")  # before the work, not after it
     specs = [t if isinstance(t, TaskSpec) else load_task(t) for t in tasks]  # bad task files fail fast
     for spec in specs:
+        check_metrics(spec)
         spec.docs()
     model, tok, info = _model_and_tokenizer(checkpoint_or_model, tokenizer, device)
     model.eval()

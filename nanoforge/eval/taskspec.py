@@ -325,14 +325,18 @@ def load_task(name_or_path: str | os.PathLike) -> TaskSpec:
 METRICS = {"multiple_choice": ("acc", "acc_norm", "mc2"), "generate_until": ("exact_match",)}
 
 
-def _check_spec(spec: TaskSpec) -> None:
-    """What lm-eval would only find out mid-run (or not at all): unknown metrics, stop strings that are not
-    strings, regular expressions that do not compile."""
-    supported = METRICS[spec.output_type]
+def check_metrics(spec: TaskSpec, supported: dict[str, tuple[str, ...]] = METRICS) -> None:
+    """TaskError for a metric in metric_list that the scorer does not compute (it would print nothing)."""
+    known = supported[spec.output_type]
     for m in spec.metrics:
-        if m not in supported:
+        if m not in known:
             raise TaskError(f"{spec.where('metric_list')}: metric {m!r} is not supported for {spec.output_type} "
-                            f"(supported: {', '.join(supported)})")
+                            f"(supported: {', '.join(known)})")
+
+
+def _check_spec(spec: TaskSpec) -> None:
+    """What lm-eval would only find out mid-run (or not at all): stop strings that are not strings, regular
+    expressions that do not compile. (Metrics depend on who scores the task: see `check_metrics`.)"""
     gk = spec.config.get("generation_kwargs") or {}
     if not isinstance(gk, dict):
         raise TaskError(f"{spec.where('generation_kwargs')}: generation_kwargs must be a mapping")

@@ -397,7 +397,7 @@ def _stage_sft(base: dict[str, Any], chat_data: str | None, sets: list[str], run
     tag = f"{run}-{fp[:8]}"
     resume = _resume_flag("sft", tag, fresh, "SFT")
     summary = train_sft(base["checkpoint_dir"], chat_data, tag=tag, overrides=sets, run=f"{run}--sft",
-                        resume=resume)
+                        resume=resume, own_run=True)
     if summary.get("interrupted"):
         raise Interrupted(f"SFT stopped at step {summary['step']} (checkpoint saved in "
                           f"{home.checkpoint_dir('sft', tag)}); run the same command again to continue")
@@ -411,7 +411,8 @@ def _stage_rl(sft: dict[str, Any], sets: list[str], run: str, fp: str, fresh: bo
 
     tag = f"{run}-{fp[:8]}"
     resume = _resume_flag("rl", tag, fresh, "RL")
-    summary = train_rl(sft["checkpoint_dir"], None, tag=tag, overrides=sets, run=f"{run}--rl", resume=resume)
+    summary = train_rl(sft["checkpoint_dir"], None, tag=tag, overrides=sets, run=f"{run}--rl", resume=resume,
+                       own_run=True)
     if summary.get("interrupted"):
         raise Interrupted(f"RL stopped at step {summary['step']} (checkpoint saved in "
                           f"{home.checkpoint_dir('rl', tag)}); run the same command again to continue")

@@ -35,7 +35,7 @@ SOURCE_PHASES = ("sft", "mid", "rl")
 def train_rl(from_checkpoint: str | Path, data: str | Path | Sequence[Any] | None = None, *, tag: str,
              val: str | Path | Sequence[Any] | None = None, config: str | Path | None = None,
              overrides: Sequence[str] = (), run: str | None = None, resume: bool = False,
-             allow_base: bool = False) -> dict[str, Any]:
+             allow_base: bool = False, own_run: bool = False) -> dict[str, Any]:
     """RL from the chat checkpoint `from_checkpoint` on the problems of `data` (a file, a mixture TOML, a
     folder with train/ and val/ splits, or loaded conversations; None or "default": the offline default
     chat data, whose arithmetic word problems are the ones with answers); checkpoints go to checkpoints/rl/<tag>/. Held-out prompts: `val`, else the val/ split, else
@@ -78,7 +78,7 @@ def train_rl(from_checkpoint: str | Path, data: str | Path | Sequence[Any] | Non
     if resume and existing:
         source.start_scores = dict(home.read_json(ckpt_dir / f"meta_{existing[-1]:06d}.json",
                                                   "checkpoint meta").get("start_val") or {})
-    summary = train(cfg, data=source, tag=tag, run=run, phase="rl", resume=resume)
+    summary = train(cfg, data=source, tag=tag, run=run, phase="rl", resume=resume, own_run=own_run)
     if source.no_signal_steps and source.no_signal_steps == source.steps_run and summary.get("rank", 0) == 0:
         progress.warn(f"no reward signal in any of the {source.steps_run} steps: every group's samples were all "
                       f"right or all wrong, so the gradient was 0 (RL sharpens what the model can sometimes do; "
