@@ -129,8 +129,10 @@ def load_state_dict(folder: Path, step: int, device: str | torch.device = "cpu")
 def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu", step: int | None = None
                ) -> tuple[nn.Module, dict[str, Any]]:
     """(LLaMA in eval mode on `device`, meta dict) from a tag folder (latest step) or a model file."""
+    from nanoforge.dist import parse_device
     from nanoforge.model import LLaMA, ModelConfig
 
+    device = parse_device(device)
     folder, step, meta = load_meta(checkpoint, step)
     model = LLaMA(ModelConfig.from_dict(meta["model_config"]))
     load_weights(model, load_state_dict(folder, step), where=f"{folder} step {step}")

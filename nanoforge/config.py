@@ -13,6 +13,7 @@ nanoforge/presets/, `--set section.key=value` overrides, validation with one-lin
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,32 +257,63 @@ def apply_layers(cfg: RunConfig, layers: list[tuple[str | Path, str]] = (),
     return touched
 
 
+# The range of every numeric key, checked once here: "> 0", ">= 0", or an interval "[0, 1)". Every float
+# key (listed or not, in any section) must also be finite: nan and inf are refused everywhere.
+RANGES: dict[tuple[str, str], str] = {
+    ("model", "depth"): ">= 0", ("model", "rope_theta"): "> 0", ("model", "norm_eps"): "> 0",
+    ("train", "max_steps"): ">= 0", ("train", "token_ratio"): "> 0", ("train", "total_batch_tokens"): "> 0",
+    ("train", "device_batch_size"): "> 0", ("train", "seq_len"): "> 0", ("train", "lr"): "> 0",
+    ("train", "min_lr_frac"): "[0, 1]", ("train", "embedding_lr"): ">= 0", ("train", "muon_lr"): "> 0",
+    ("train", "muon_momentum"): "[0, 1)", ("train", "weight_decay"): ">= 0", ("train", "beta1"): "[0, 1)",
+    ("train", "beta2"): "[0, 1)", ("train", "eps"): "> 0", ("train", "grad_clip"): ">= 0",
+    ("train", "warmup_steps"): ">= 0", ("train", "cooldown_frac"): "[0, 1]", ("train", "eval_every"): ">= 0",
+    ("train", "eval_batches"): ">= 0", ("train", "save_every"): ">= 0", ("train", "sample_every"): ">= 0",
+    ("train", "log_every"): ">= 0", ("train", "keep_last"): ">= 0", ("train", "seed"): ">= 0",
+    ("data", "val_docs"): ">= 0",
+    ("tokenizer", "vocab_size"): "> 0", ("tokenizer", "max_chars"): ">= 0", ("tokenizer", "doc_cap"): ">= 0",
+    ("eval", "limit"): ">= 0", ("eval", "max_new_tokens"): ">= 0",
+    ("model", "logit_softcap"): ">= 0",
+    ("sft", "epochs"): "> 0", ("sft", "buffer_size"): ">= 1", ("sft", "lr_scale"): "> 0",
+    ("sft", "val_conversations"): ">= 0",
+    ("rl", "max_steps"): "> 0", ("rl", "prompts_per_step"): "> 0", ("rl", "group_size"): "> 0",
+    ("rl", "max_new_tokens"): "> 0", ("rl", "eval_prompts"): "> 0", ("rl", "eval_samples"): "> 0",
+    ("rl", "lr_scale"): "> 0", ("rl", "temperature"): ">= 0", ("rl", "kl_coef"): ">= 0",
+    ("rl", "format_reward"): ">= 0", ("rl", "top_k"): ">= 0",
+    ("speedrun", "chat_eval_limit"): ">= 0",
+}
+_HINTS = {("train", "max_steps"): " (0 = derive from train.token_ratio)", ("train", "grad_clip"): " (0 disables)"}
+
+
+def in_range(value: float, spec: str) -> bool:
+    """Whether `value` satisfies a RANGES spec ("> 0", ">= 0", "[0, 1)", ...)."""
+    if spec.startswith(">="):
+        return value >= float(spec[2:])
+    if spec.startswith(">"):
+        return value > float(spec[1:])
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return (value >= lo if spec[0] == "[" else value > lo) and (value <= hi if spec[-1] == "]" else value < hi)
+
+
 def validate(cfg: RunConfig) -> None:
+    """Every choice key among its choices, every float finite, every numeric key in its RANGES; UserError
+    naming the key, the allowed range and the value otherwise."""
     for (section, key), choices in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             raise UserError(f"{section}.{key} must be one of {', '.join(choices)}, got '{value}'")
-    t = cfg.train
-    for key in ("total_batch_tokens", "device_batch_size", "seq_len"):
-        if getattr(t, key) <= 0:
-            raise UserError(f"train.{key} must be positive, got {getattr(t, key)}")
-    if t.max_steps < 0:
-        raise UserError(f"train.max_steps must be >= 0 (0 = derive from train.token_ratio), got {t.max_steps}")
-    if t.lr <= 0:
-        raise UserError(f"train.lr must be positive, got {t.lr}")
-    if t.warmup_steps < 0:
-        raise UserError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
-    if cfg.sft.epochs <= 0 or cfg.sft.buffer_size < 1 or cfg.sft.lr_scale <= 0 or cfg.sft.val_conversations < 0:
-        raise UserError(f"sft.epochs and sft.lr_scale must be positive, sft.buffer_size >= 1 and "
-                        f"sft.val_conversations >= 0; got {cfg.sft.epochs}, {cfg.sft.lr_scale}, "
-                        f"{cfg.sft.buffer_size}, {cfg.sft.val_conversations}")
-    r = cfg.rl
-    for key in ("max_steps", "prompts_per_step", "group_size", "max_new_tokens", "eval_prompts", "eval_samples"):
-        if getattr(r, key) <= 0:
-            raise UserError(f"rl.{key} must be positive, got {getattr(r, key)}")
-    if r.lr_scale <= 0 or r.temperature < 0 or r.kl_coef < 0 or r.format_reward < 0:
-        raise UserError(f"rl.lr_scale must be positive and rl.temperature, rl.kl_coef, rl.format_reward >= 0; got "
-                        f"{r.lr_scale}, {r.temperature}, {r.kl_coef}, {r.format_reward}")
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value):
+                raise UserError(f"{section}.{f.name} must be a finite number, got {value}")
+            spec = RANGES.get((section, f.name))
+            if spec and not in_range(value, spec):
+                shown = spec if spec[0] in "<>" else f"in {spec}"
+                raise UserError(f"{section}.{f.name} must be {shown}{_HINTS.get((section, f.name), '')}, "
+                                f"got {value}")
     cfg.model_config()  # ModelConfig validates the shape
 
 
@@ -327,7 +359,8 @@ def _coerce(value: Any, default: Any, name: str, where: str) -> Any:
             return value.lower() == "true"
         raise bad
     if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or int(value) != value:
             raise bad
         return int(value)
     if isinstance(default, float):

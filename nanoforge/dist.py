@@ -31,6 +31,30 @@ class DistInfo:
         return self.world_size > 1
 
 
+def parse_device(name: str | torch.device, what: str = "--device") -> torch.device:
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:N`, `mps` as a torch.device; a UserError
+    for a name torch does not know or a GPU this machine does not have."""
+    from nanoforge.errors import UserError
+
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{what} '{name}' is not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{what} is {name} but this PyTorch build sees no CUDA GPU; use auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{what} is {name} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"{what} is mps but MPS is not available here; use auto or cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{what} '{name}' is not supported (auto, cpu, cuda, cuda:N, mps)")
+    return device
+
+
 def setup(device_type: str) -> DistInfo:
     """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -37,9 +37,13 @@ from nanoforge.errors import UserError
 
 
 def home() -> Path:
-    """The data home: $NANOFORGE_HOME, else ~/.cache/nanoforge (not created here)."""
+    """The data home: $NANOFORGE_HOME, else ~/.cache/nanoforge (not created here). A UserError when it
+    exists but is not a folder."""
     env = os.environ.get("NANOFORGE_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "nanoforge"
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "nanoforge"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"the data home {path} is a file, not a folder: point NANOFORGE_HOME at a folder")
+    return path
 
 
 # `=` and `+` too: ablation cells are named after their values (`grid--lr=0.001`)

@@ -13,6 +13,8 @@ import math
 import os
 from typing import Any
 
+from nanoforge.errors import UserError
+
 DEFAULT_CHARS_PER_TOKEN = 4.8
 DEFAULT_CHARS_PER_SHARD = 250_000_000
 SAMPLE_CHARS = 2_000_000  # enough for chars/token to three digits
@@ -29,9 +31,14 @@ def human(n: float, decimals: int = 1) -> str:
 
 def make_plan(models: list[tuple[str, int]], *, ratio: float = 20.0, chars_per_token: float | None = None,
               chars_per_shard: float | None = None) -> dict[str, Any]:
-    """One row per (label, parameter count): tokens, characters, shards (rounded up) and training FLOPs."""
-    cpt = chars_per_token or DEFAULT_CHARS_PER_TOKEN
-    cps = chars_per_shard or DEFAULT_CHARS_PER_SHARD
+    """One row per (label, parameter count): tokens, characters, shards (rounded up) and training FLOPs.
+    Refuses (UserError) a count or ratio that is not a positive finite number."""
+    for what, value in (("--ratio", ratio), ("--chars-per-token", chars_per_token),
+                        ("--chars-per-shard", chars_per_shard), *(("--params", p) for _, p in models)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"{what} must be a positive number, got {value:g}")
+    cpt = DEFAULT_CHARS_PER_TOKEN if chars_per_token is None else chars_per_token
+    cps = DEFAULT_CHARS_PER_SHARD if chars_per_shard is None else chars_per_shard
     rows = []
     for label, params in models:
         tokens = ratio * params

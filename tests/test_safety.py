@@ -247,8 +247,10 @@ def test_an_output_under_a_file_is_refused_before_the_work(data, tmp_path, capsy
 
 
 def test_train_with_an_unwritable_home_stops_before_training(data, tmp_path, monkeypatch, capsys) -> None:
-    (tmp_path / "home").write_text("not a folder")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "checkpoints").write_text("not a folder")
     monkeypatch.setenv("NANOFORGE_HOME", str(tmp_path / "home"))
     assert main(["train", "base", "--preset", "ci", "--tokens", str(data["tokens"]), "--tag", "t"]) == 2
     err = capsys.readouterr().err
-    assert "cannot write checkpoint tag 't'" in err and "is not a folder" in err
+    assert "cannot write checkpoint tag 't'" in err and f"{tmp_path / 'home' / 'checkpoints'} is not a folder" in err
+    assert not (tmp_path / "home" / "runs").exists()  # stopped before anything was written

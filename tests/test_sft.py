@@ -143,7 +143,8 @@ def test_sft_lowers_the_held_out_loss_and_writes_sft_checkpoints(chat, nanoforge
     assert Path(s["checkpoint"]).parent == nanoforge_home / "checkpoints" / "sft" / "learn"
     cfg = meta["config"]
     assert cfg["train"]["schedule"] == "linear" and cfg["sft"]["learn"] == "assistant"
-    assert cfg["train"]["lr"] == pytest.approx(1e-2 * 0.3)  # the ci base lr × sft.lr_scale
+    assert cfg["train"]["lr"] == pytest.approx(1e-2 * 1.0)  # the ci base lr × sft.lr_scale
+    assert cfg["sft"]["lr_scale"] == 1.0
     sample = json.loads((nanoforge_home / "runs" / "sft-learn" / "samples.jsonl").read_text().splitlines()[0])
     assert sample["prompt"].endswith("<|assistant_start|>") and isinstance(sample["completion"], str)
 

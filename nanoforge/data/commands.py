@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -88,8 +89,8 @@ def parse_count(text: str | int | float, what: str = "number") -> int:
         value = float(s[:-1] if scale != 1 else s) * scale
     except ValueError:
         raise UserError(f"{what} {text!r} is not a number (examples: 561M, 1.5B, 125000000)") from None
-    if value <= 0:
-        raise UserError(f"{what} must be positive, got {text!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{what} must be a positive finite number, got {text!r}")
     return int(round(value))
 
 
@@ -159,6 +160,10 @@ def _inspect(args: argparse.Namespace) -> int:
         if total != meta["splits"][split]["tokens"]:
             raise UserError(f"token folder {meta['path']}: {split} shards hold {total:,} tokens, meta.json says "
                             f"{meta['splits'][split]['tokens']:,}")
+        docs = len(shards.document_starts(meta["path"], split, int(meta.get("bos_id", -1))))
+        if "documents" in meta["splits"][split] and docs != meta["splits"][split]["documents"]:
+            raise UserError(f"token folder {meta['path']}: the {split} document table lists {docs:,} documents, "
+                            f"meta.json says {meta['splits'][split]['documents']:,}")
     if args.json:
         _print_json(meta)
     else:

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanoforge.errors import UserError
@@ -49,6 +50,11 @@ def parquet_file(path: Path, column: str = "text") -> pq.ParquetFile:
     names = pf.schema_arrow.names
     if column not in names:
         raise UserError(f"{path}: no column {column!r} (columns: {', '.join(names) or 'none'})")
+    kind = pf.schema_arrow.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+            or str(kind) == "string_view"):
+        raise UserError(f"{path}: column {column!r} holds {kind}, not text (strings); "
+                        f"pick the text column with --column")
     return pf
 
 
@@ -77,7 +83,11 @@ def iter_jsonl(path: Path, field: str = "text") -> Iterator[str]:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
-                    yield _field(json.loads(line), field, path, lineno, "line")
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:  # its position is within the line
+                        raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                    yield _field(row, field, path, lineno, "line")
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: invalid JSON ({e})") from None
     except UnicodeDecodeError as e:

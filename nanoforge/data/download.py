@@ -58,9 +58,35 @@ def download_shards(repo: str, shards: list[int] | str, out: str | os.PathLike |
     failures are retried `retries` times with backoff doubling from `backoff` seconds."""
     if isinstance(shards, str):
         shards = parse_shards(shards)
-    out = Path(out) if out is not None else home.corpus_dir(repo.rstrip("/").split("/")[-1])
-    out.mkdir(parents=True, exist_ok=True)
-    names = [pattern.format(i) for i in shards]
+    if retries < 1:
+        raise UserError(f"--retries must be at least 1 (attempts per shard), got {retries}")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    names = _shard_names(pattern, shards)
+    out = Path(out) if out is not None else home.corpus_dir(home.slug(repo.rstrip("/").split("/")[-1]))
+    with home.lock(out, "corpus folder"):
+        out.mkdir(parents=True, exist_ok=True)
+        return _download(repo, names, out, revision, workers, retries, backoff, column)
+
+
+def _shard_names(pattern: str, shards: list[int]) -> list[str]:
+    """File names of the shards in the repository; a UserError for a pattern that does not format an index
+    or that points outside the output folder."""
+    try:
+        names = [pattern.format(i) for i in shards]
+    except (ValueError, IndexError, KeyError, TypeError) as e:
+        raise UserError(f"--pattern {pattern!r} is not a file name pattern for the shard index ({e}); "
+                        f"example: shard_{{:05d}}.parquet") from None
+    for name in names:
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts:
+            raise UserError(f"--pattern {pattern!r} gives {name!r}: shard names must be relative paths inside "
+                            f"the dataset (no '..', no leading '/')")
+    return names
+
+
+def _download(repo: str, names: list[str], out: Path, revision: str | None, workers: int, retries: int,
+              backoff: float, column: str) -> list[Path]:
     todo = []
     for name in names:
         final = out / name
@@ -73,6 +99,9 @@ def download_shards(repo: str, shards: list[int] | str, out: str | os.PathLike |
         todo.append(name)
     if len(todo) < len(names):
         progress.log(f"{len(names) - len(todo)} of {len(names)} shard(s) already in {out}")
+    if todo and _offline():
+        raise UserError(f"cannot download {len(todo)} shard(s) of {repo}: offline mode is on (HF_HUB_OFFLINE); "
+                        f"unset it, or bring local files in with `nanoforge data import`")
     lock = threading.Lock()
     total = progress.bar(desc=f"download {repo}", unit="B", unit_scale=True, total=0)
 
@@ -142,3 +171,11 @@ def download_shards(repo: str, shards: list[int] | str, out: str | os.PathLike |
     if staging.exists() and not any(p.suffix == ".incomplete" for p in staging.rglob("*")):
         shutil.rmtree(staging, ignore_errors=True)
     return [out / n for n in names]
+
+
+def _offline() -> bool:
+    """huggingface_hub's offline switch (read when it was imported), or HF_HUB_OFFLINE set since."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or env

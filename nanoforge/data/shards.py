@@ -130,9 +130,19 @@ def document_starts(tokens_dir: str | os.PathLike, split: str, bos_id: int) -> n
     else found by scanning the shards for `<|bos|>`."""
     d = Path(tokens_dir)
     cached = d / f"{split}_docs.npy"
-    if cached.exists():
-        return np.load(cached)
-    return scan_document_starts(shard_paths(d, split), bos_id)
+    if not cached.exists():
+        return scan_document_starts(shard_paths(d, split), bos_id)
+    fix = "rebuild the folder with `nanoforge data tokenize ... --force`"
+    try:
+        starts = np.load(cached, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"document table {cached} is not readable ({str(e).splitlines()[0][:80]}); {fix}") from None
+    total = sum(read_header(p)["count"] for p in shard_paths(d, split))
+    if starts.ndim != 1 or starts.dtype.kind not in "iu" or (len(starts) and (
+            int(starts[0]) != 0 or int(starts[-1]) >= total or bool(np.any(np.diff(starts) <= 0)))):
+        raise UserError(f"document table {cached} does not fit the {split} shards ({total:,} tokens): "
+                        f"offsets must rise from 0 below the token count; {fix}")
+    return starts.astype(np.int64, copy=False)
 
 
 def scan_document_starts(paths: list[Path], bos_id: int) -> np.ndarray:

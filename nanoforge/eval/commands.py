@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--seq-len", type=int, default=None, help="default: the model's max_seq_len")
     b.add_argument("--max-batches", type=int, default=None)
+    b.add_argument("--tokenizer", default=None, help="override the tokenizer named in the checkpoint meta")
     b.add_argument("--device", default="cpu")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_bpb)
@@ -75,7 +76,7 @@ def _bpb(args: argparse.Namespace) -> int:
     from nanoforge.eval.tasks import evaluate_bpb_checkpoint
 
     r = evaluate_bpb_checkpoint(args.checkpoint, args.tokens, batch_size=args.batch_size, seq_len=args.seq_len,
-                                device=args.device, max_batches=args.max_batches)
+                                device=args.device, max_batches=args.max_batches, tokenizer=args.tokenizer)
     if r["rank"] == 0:  # under torchrun every rank has the all-reduced result; one prints it
         print(json.dumps(r, indent=2) if args.json else f"val bpb {r['val_bpb']:.4f}  ({r['tokens']:,} tokens, "
               f"{r['bytes']:,} bytes)")

@@ -25,12 +25,16 @@ from nanoforge.eval.scoring import score_rolling
 @register_model("nanoforge")
 class NanoforgeLM(TemplateLM):
     def __init__(self, checkpoint: str | None = None, model: Any = None, tokenizer: Any = None,
-                 device: str = "cpu", batch_size: Any = 1, max_gen_toks: int = 256, **_: Any) -> None:
+                 device: str = "cpu", batch_size: Any = 1, max_gen_toks: int = 256, max_batch_size: Any = None,
+                 **unknown: Any) -> None:
         super().__init__()
         import torch
 
         from nanoforge.errors import UserError
 
+        if unknown:
+            raise UserError(f"--model_args: unknown argument(s) {', '.join(sorted(unknown))} for --model nanoforge "
+                            f"(known: {', '.join(MODEL_ARGS)})")
         # lm-eval's CLI passes its own default device (cuda): fall back like its hf model does
         device = str(device or "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -146,6 +150,7 @@ def run_lm_eval_cli(argv: list[str]) -> int:
 
     from lm_eval.__main__ import cli_evaluate
 
+    _check_model_args(argv)
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]
     try:
@@ -155,3 +160,33 @@ def run_lm_eval_cli(argv: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+MODEL_ARGS = ("checkpoint", "tokenizer", "device", "batch_size", "max_batch_size", "max_gen_toks")
+
+
+def _check_model_args(argv: list[str]) -> None:
+    """For `--model nanoforge`: refuse unknown --model_args keys and a checkpoint that does not exist
+    before lm-eval starts (its own errors are tracebacks)."""
+    from nanoforge.checkpoint import resolve_checkpoint
+    from nanoforge.errors import UserError
+
+    def value(flag: str) -> str | None:
+        for i, a in enumerate(argv):
+            if a == flag and i + 1 < len(argv):
+                return argv[i + 1]
+            if a.startswith(flag + "="):
+                return a.split("=", 1)[1]
+        return None
+
+    if value("--model") != "nanoforge":
+        return
+    raw = value("--model_args") or value("--model-args") or ""
+    args = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in raw.split(",") if kv.strip())
+    unknown = sorted(set(args) - set(MODEL_ARGS))
+    if unknown:
+        raise UserError(f"--model_args: unknown argument(s) {', '.join(unknown)} for --model nanoforge "
+                        f"(known: {', '.join(MODEL_ARGS)})")
+    if not args.get("checkpoint"):
+        raise UserError("--model_args needs checkpoint=PATH (a tag folder or model_<step>.safetensors)")
+    resolve_checkpoint(args["checkpoint"])

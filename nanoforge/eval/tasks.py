@@ -132,6 +132,10 @@ def run_tasks(checkpoint_or_model: Any, tasks: Sequence[str | os.PathLike | Task
     names or YAML paths). Returns lm-eval's results layout: results[task]["acc,none"], "acc_stderr,none", ...,
     plus n-samples and a `nanoforge` section with timing; written to `out` (JSON) when given.
     Multiple-choice questions are scored many per forward, up to `batch_tokens` (padded) tokens each."""
+    if limit is not None and limit < 0:
+        raise UserError(f"--limit must be >= 0 (0 = every document), got {limit}")
+    if out is not None:
+        home_mod.ensure_parent(out, "results file")  # before the work, not after it
     specs = [t if isinstance(t, TaskSpec) else load_task(t) for t in tasks]  # bad task files fail fast
     for spec in specs:
         spec.docs()
@@ -171,26 +175,33 @@ def run_tasks(checkpoint_or_model: Any, tasks: Sequence[str | os.PathLike | Task
 
 
 def evaluate_bpb_checkpoint(checkpoint: str | os.PathLike, tokens: str | os.PathLike, *, batch_size: int = 8,
-                            seq_len: int | None = None, device: str = "cpu", max_batches: int | None = None
-                            ) -> dict[str, Any]:
-    """Validation bits per byte of a checkpoint on token shards; refuses shards made by another tokenizer."""
-    import torch
-
+                            seq_len: int | None = None, device: str = "cpu", max_batches: int | None = None,
+                            tokenizer: Any = None) -> dict[str, Any]:
+    """Validation bits per byte of a checkpoint on token shards; refuses shards made by another tokenizer,
+    a `seq_len` beyond the model's context, and batch counts below 1. `tokenizer` replaces the one the
+    checkpoint names (for a tokenizer that moved)."""
     from nanoforge import dist
     from nanoforge.eval.bpb import evaluate_bpb
     from nanoforge.infer.engine import load_checkpoint
 
+    for what, value in (("--batch-size", batch_size), ("--seq-len", seq_len), ("--max-batches", max_batches)):
+        if value is not None and value < 1:
+            raise UserError(f"{what} must be at least 1, got {value}")
+    device = str(dist.parse_device(device))
     tokens_dir = home_mod.resolve(tokens, "tokens")
     if not (tokens_dir / "meta.json").is_file():
         raise UserError(f"token shards {tokens_dir} not found (no meta.json; make them with `nanoforge data tokenize`)")
     shards_meta = home_mod.read_json(tokens_dir / "meta.json", "token shards meta")
-    model, tok, meta = load_checkpoint(checkpoint, device=device)
+    model, tok, meta = load_checkpoint(checkpoint, device=device, tokenizer=tokenizer)
+    if seq_len is not None and seq_len > model.config.max_seq_len:
+        raise UserError(f"--seq-len {seq_len} is longer than the model's context (model.max_seq_len = "
+                        f"{model.config.max_seq_len}); it would score positions it was never trained on")
     fp = shards_meta.get("tokenizer_fingerprint")
     if fp and fp != tok.fingerprint:
         raise UserError(f"token shards {tokens_dir} were made with tokenizer {fp} but checkpoint {checkpoint} uses "
                         f"{tok.fingerprint}: evaluate on shards tokenized with the model's tokenizer")
     # Under torchrun each rank scores its share of the split and the sums are all-reduced.
-    info = dist.setup(torch.device(device).type)
+    info = dist.setup(dist.parse_device(device).type)
     try:
         r = evaluate_bpb(model, tokens_dir, tok.token_bytes, batch_size=batch_size,
                          seq_len=seq_len or model.config.max_seq_len, device=device, max_batches=max_batches,

@@ -189,6 +189,9 @@ class TaskSpec:
             except (ValueError, SyntaxError):
                 raise TaskError(f"{self.where('doc_to_choice')}: doc_to_choice must render a Python list, "
                                 f"got {value[:60]!r}") from None
+        if not isinstance(value, (list, tuple)) or not value:
+            raise TaskError(f"{self.where('doc_to_choice')}: doc_to_choice gave {value!r} for a document; it must "
+                            f"be a non-empty list of choices")
         return [str(c) for c in value]
 
     def doc_to_target(self, doc: dict[str, Any]) -> Any:
@@ -210,6 +213,11 @@ class TaskSpec:
             if target not in choices:
                 raise TaskError(f"{self.where('doc_to_target')}: target {target!r} is not one of the choices")
             return choices.index(target)
+        golds = target if isinstance(target, list) else [target]
+        for g in golds:
+            if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < len(choices):
+                raise TaskError(f"{self.where('doc_to_target')}: target {g!r} is not the index of one of the "
+                                f"{len(choices)} choices {choices!r}")
         return target
 
     def target_string(self, doc: dict[str, Any]) -> str:
@@ -249,17 +257,29 @@ class TaskSpec:
 def _read_json_docs(path: Path, where: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise TaskError(f"{where}: data file {path} does not exist (point data_files at your download)")
-    text = path.read_text(encoding="utf-8")
     try:
-        if text.lstrip().startswith("["):
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskError(f"data file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lineno = 0
+    try:
+        if text.lstrip().startswith(("[", "{")) and not path.suffix == ".jsonl":
             docs = json.loads(text)
         else:
-            docs = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise TaskError(f"data file {path}: line {e.lineno}: not valid JSON/JSONL ({e.msg})") from None
+            docs = []
+            for lineno, line in enumerate(text.splitlines(), 1):  # noqa: B007 - read by the except
+                if line.strip():
+                    docs.append(json.loads(line))
+    except json.JSONDecodeError as e:  # per line, its position is within the line
+        line = lineno or e.lineno
+        raise TaskError(f"data file {path}: line {line}: not valid JSON/JSONL ({e.msg})") from None
     if isinstance(docs, dict) and "data" in docs:
         docs = docs["data"]
-    return list(docs)
+    if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
+        raise TaskError(f"data file {path}: expected JSON objects (one per line, or a list of them)")
+    if not docs:
+        raise TaskError(f"{where}: data file {path} holds no documents")
+    return docs
 
 
 REQUIRED = ("task", "dataset_path", "doc_to_text", "doc_to_target")
@@ -297,7 +317,56 @@ def load_task(name_or_path: str | os.PathLike) -> TaskSpec:
     if out_type == "multiple_choice" and config.get("doc_to_choice") is None:
         raise TaskError(f"{p}: line {last}: task {name!r} is missing the field doc_to_choice "
                         f"(needed for output_type: multiple_choice)")
-    return TaskSpec(name=str(name), path=p.resolve(), config=config, lines=lines)
+    spec = TaskSpec(name=str(name), path=p.resolve(), config=config, lines=lines)
+    _check_spec(spec)
+    return spec
+
+
+METRICS = {"multiple_choice": ("acc", "acc_norm", "mc2"), "generate_until": ("exact_match",)}
+
+
+def _check_spec(spec: TaskSpec) -> None:
+    """What lm-eval would only find out mid-run (or not at all): unknown metrics, stop strings that are not
+    strings, regular expressions that do not compile."""
+    supported = METRICS[spec.output_type]
+    for m in spec.metrics:
+        if m not in supported:
+            raise TaskError(f"{spec.where('metric_list')}: metric {m!r} is not supported for {spec.output_type} "
+                            f"(supported: {', '.join(supported)})")
+    gk = spec.config.get("generation_kwargs") or {}
+    if not isinstance(gk, dict):
+        raise TaskError(f"{spec.where('generation_kwargs')}: generation_kwargs must be a mapping")
+    until = gk.get("until")
+    if until is not None and not (isinstance(until, str) or
+                                  (isinstance(until, list) and all(isinstance(u, str) and u for u in until))):
+        raise TaskError(f"{spec.where('generation_kwargs')}: generation_kwargs.until must be a string or a list "
+                        f"of non-empty strings, got {until!r}")
+    max_gen = gk.get("max_gen_toks", 256)
+    if isinstance(max_gen, bool) or not isinstance(max_gen, int) or max_gen < 1:
+        raise TaskError(f"{spec.where('generation_kwargs')}: generation_kwargs.max_gen_toks must be a positive "
+                        f"integer, got {max_gen!r}")
+    filters = spec.config.get("filter_list") or []
+    if not isinstance(filters, list):
+        raise TaskError(f"{spec.where('filter_list')}: filter_list must be a list")
+    for f in filters:
+        steps = f.get("filter", []) if isinstance(f, dict) else None
+        if not isinstance(f, dict) or "name" not in f or not isinstance(steps, list):
+            raise TaskError(f"{spec.where('filter_list')}: each filter_list entry needs a name and a filter list")
+        for step in steps:
+            pattern = step.get("regex_pattern") if isinstance(step, dict) else None
+            if pattern is not None:
+                try:
+                    re.compile(str(pattern))
+                except re.error as e:
+                    raise TaskError(f"{spec.where('filter_list')}: regex_pattern {pattern!r} of filter "
+                                    f"{f['name']!r} is not a valid regular expression ({e})") from None
+    for entry in spec.config.get("metric_list") or []:
+        for r in (entry.get("regexes_to_ignore") or []) if isinstance(entry, dict) else []:
+            try:
+                re.compile(str(r))
+            except re.error as e:
+                raise TaskError(f"{spec.where('metric_list')}: regexes_to_ignore {r!r} is not a valid regular "
+                                f"expression ({e})") from None
 
 
 def list_tasks() -> list[dict[str, Any]]:

@@ -288,6 +288,10 @@ def import_hf(src: str | os.PathLike, tag: str, *, phase: str = "base", force: b
     from nanoforge.tokenizer.hf import import_hf as import_tokenizer
 
     src = Path(src)
+    if not src.is_dir():
+        what = "does not exist" if not src.exists() else "is a file"
+        raise UserError(f"{src} {what}: give the Hugging Face model folder (config.json, model.safetensors)")
+    dest = home_mod.checkpoint_dir(phase, tag)  # a bad tag is refused before any work
     cfg = home_mod.read_json(src / "config.json", "Hugging Face config")
     arch = _check_supported(cfg, src)
     try:

@@ -65,6 +65,13 @@ def load_grid(path: str | os.PathLike) -> tuple[dict[str, Any], list[tuple[str, 
     if extra:
         raise UserError(f"grid {path}: unknown [base] key(s) {', '.join(sorted(extra))}; "
                         f"valid: preset, data, set, config")
+    overrides = base.get("set", [])
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        example = f"set = [{overrides!r}]" if isinstance(overrides, str) else 'set = ["train.max_steps=100"]'
+        raise UserError(f"grid {path}: [base] set must be a list of \"section.key=value\" strings ({example})")
+    for key in ("preset", "data", "config"):
+        if key in base and not isinstance(base[key], str):
+            raise UserError(f"grid {path}: [base] {key} must be a string, got {base[key]!r}")
     return base, axes
 
 
@@ -116,6 +123,12 @@ def ablate(grid: str | os.PathLike, *, name: str | None = None, data: str | None
         load_config(preset=preset, path=base.get("config"), overrides=cell_set)  # fail early on a bad cell
         plans.append((cell, cell_set))
     out_dir = home.run_dir(name)
+    with home.lock(out_dir, "grid folder"):
+        return _ablate(out_dir, name, preset, data, base, axes, plans, fresh)
+
+
+def _ablate(out_dir: Path, name: str, preset: str, data: str | None, base: dict[str, Any], axes: list[Any],
+            plans: list[tuple[dict[str, Any], list[str]]], fresh: bool) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "cells.json"
     state = home.read_json(state_path, "grid state") if state_path.is_file() and not fresh else {}

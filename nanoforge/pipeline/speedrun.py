@@ -15,6 +15,7 @@ from their last checkpoint); `fresh=True` redoes everything.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -62,7 +63,8 @@ def speedrun(preset: str | None = "cpu-demo", *, data: str | None = None, run: s
     run = run or default_run_name(cfg, data)
     runner = runner or StageRunner(run, fresh=fresh, rank=int(os.environ.get("RANK", "0")))
     runner.total = len(stages(cfg.speedrun.until))
-    with log_to_file(runner.run_dir / "log.txt"):
+    held = home.lock(runner.run_dir, "run folder") if runner.rank == 0 else contextlib.nullcontext()
+    with held, log_to_file(runner.run_dir / "log.txt"):
         progress.log(f"speedrun {run}: preset {preset or '-'}, data {data or 'stdlib docstrings'}, "
                      f"until {cfg.speedrun.until}, outputs in {runner.run_dir}")
         home.atomic_write_text(runner.run_dir / "config.toml", cfg.to_toml())

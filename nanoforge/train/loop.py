@@ -552,15 +552,7 @@ def _as_config(config: RunConfig | dict[str, Any] | str) -> RunConfig:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"train.device '{name}' is not a device (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is cuda but this PyTorch build sees no CUDA GPU; use train.device=auto")
-    return device
+    return D.parse_device(name, "train.device")
 
 
 def _autocast_dtype(dtype: str, device: torch.device, resume_meta: dict[str, Any] | None = None,

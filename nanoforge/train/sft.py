@@ -16,6 +16,7 @@ learned tokens (a val/ split beside train/, --val, or sft.val_conversations held
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,11 @@ def train_sft(from_checkpoint: str | Path, data: str | Path, *, tag: str, phase:
     if resume and existing:
         chat.base_scores = dict(home.read_json(home.checkpoint_dir(phase, tag) / f"meta_{existing[-1]:06d}.json",
                                                "checkpoint meta").get("base_val") or {})
-    elif chat.val_rows and not existing:
-        base_model, _ = ckpt.load_model(folder, step=step, device=_device(cfg.train.device))
+    elif chat.val_rows and not existing and int(os.environ.get("RANK", "0")) == 0:  # rank 0 reports it
+        device = _device(cfg.train.device)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        base_model, _ = ckpt.load_model(folder, step=step, device=device)
         chat.base_scores = evaluate_chat_loss(base_model, chat.val_rows, tokenizer,
                                               batch_size=cfg.train.device_batch_size, seq_len=cfg.train.seq_len,
                                               device=next(base_model.parameters()).device,
@@ -180,6 +184,7 @@ class ChatData:
             if (path / "val").is_dir():
                 self.val_source = str(path / "val")
         train_convs = load_chat(train_src)
+        loaded = len(train_convs)
         val_convs = load_chat(val if val is not None else self.val_source) if self.val_source else []
         if not self.val_source and sft.val_conversations and len(train_convs) > 1:
             k = min(sft.val_conversations, len(train_convs) // 10 or 1)
@@ -193,7 +198,7 @@ class ChatData:
             why = (f"every conversation is longer than a row of train.seq_len + 1 = {seq_len + 1} tokens before "
                    f"its first learned token" if c["truncated"] >= c["conversations"] else
                    "no conversation has an assistant token to learn")
-            raise UserError(f"chat data {self.data}: {why} ({c['conversations']} conversations); "
+            raise UserError(f"chat data {self.data}: {why} ({loaded} conversations); "
                             f"{'raise train.seq_len or shorten them' if c['truncated'] else 'check the data'}")
         self.val_rows, self.val_counts = render_all(tokenizer, val_convs, max_tokens=seq_len + 1, learn=sft.learn)
         self.base_scores: dict[str, float] = {}
