@@ -193,6 +193,21 @@ def test_tool_call_forces_the_calculator_output_with_mask_zero(loaded: tuple) ->
     assert "".join(d.text for d in deltas if d.part == "python_output") == "7"
 
 
+def test_a_second_tool_start_inside_a_call_starts_the_call_again(loaded: tuple) -> None:
+    _, model, tok = loaded
+    sid = tok.special_id
+    prompt = [tok.bos_id, sid("<|assistant_start|>")]
+    forced = [sid("<|output_start|>"), *tok.encode("7"), sid("<|output_end|>")]
+    script = (prompt + [sid("<|python_start|>")] + tok.encode("9*") + [sid("<|python_start|>")] + tok.encode("3+4")
+              + [sid("<|python_end|>")] + [0] * len(forced) + [sid("<|assistant_end|>")])
+    engine = Engine(Scripted(model.config, script), tok)
+    rid = engine.add(prompt, SamplingParams(max_tokens=100))
+    while engine.has_work():
+        engine.step()
+    c = engine.result(rid)
+    assert c.ids[-len(forced) - 1:-1] == forced  # the calculator saw "3+4", not "9*<|python_start|>3+4"
+
+
 def test_a_tool_added_to_the_registry_runs_without_engine_changes(loaded: tuple) -> None:
     _, model, tok = loaded
     sid = tok.special_id

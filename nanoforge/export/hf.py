@@ -287,13 +287,34 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_hf_model(src: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(ModelConfig, our float32 state dict) of a transformers Llama, Qwen2 or NanoChat folder; refuses other
+    model types and variants our model cannot represent (UserError naming the folder)."""
+    from nanoforge.export.nanochat import flip_rotary_rows
+
+    cfg = home_mod.read_json(src / "config.json", "Hugging Face config")
+    arch = _check_supported(cfg, src)
+    try:
+        mc = _config_from_hf(cfg, arch)
+    except KeyError as e:
+        raise UserError(f"{src}/config.json lacks {e.args[0]!r}, which a {CLASSES[arch]} config needs") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{src}/config.json has an invalid value ({e})") from None
+    ours = {our_name(k, arch): v.to(torch.float32) for k, v in read_safetensors(src).items() if "rotary_emb" not in k}
+    if arch == "nanochat":  # nanochat's rotary turns the other way: flip the second half of q/k rows
+        for k in [k for k in ours if k.endswith(("wq.weight", "wk.weight"))]:
+            ours[k] = flip_rotary_rows(ours[k], mc.head_dim)
+    if mc.tie_embeddings:
+        ours.pop("output.weight", None)
+    return mc, ours
+
+
 def import_hf(src: str | os.PathLike, tag: str, *, phase: str = "base", force: bool = False,
               tokenizer: str | None = None) -> Path:
     """A transformers Llama, Qwen2 or NanoChat folder -> checkpoints/<phase>/<tag> (step 0, weights in
     float32). The folder's tokenizer.json is imported as tokenizers/<tag> unless `tokenizer` names an
     existing nanoforge tokenizer. Refuses other model types and variants our model cannot represent."""
     from nanoforge.checkpoint import load_weights, save_checkpoint
-    from nanoforge.export.nanochat import flip_rotary_rows
     from nanoforge.model import LLaMA
     from nanoforge.tokenizer import Tokenizer
     from nanoforge.tokenizer.hf import import_hf as import_tokenizer
@@ -304,20 +325,7 @@ def import_hf(src: str | os.PathLike, tag: str, *, phase: str = "base", force: b
         raise UserError(f"{src} {what}: give the Hugging Face model folder (config.json, model.safetensors)")
     dest = home_mod.checkpoint_dir(phase, tag)  # a bad tag is refused before any work
     cfg = home_mod.read_json(src / "config.json", "Hugging Face config")
-    arch = _check_supported(cfg, src)
-    try:
-        mc = _config_from_hf(cfg, arch)
-    except KeyError as e:
-        raise UserError(f"{src}/config.json lacks {e.args[0]!r}, which a {CLASSES[arch]} config needs") from None
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{src}/config.json has an invalid value ({e})") from None
-    state = read_safetensors(src)
-    ours = {our_name(k, arch): v.to(torch.float32) for k, v in state.items() if "rotary_emb" not in k}
-    if arch == "nanochat":
-        for k in [k for k in ours if k.endswith(("wq.weight", "wk.weight"))]:
-            ours[k] = flip_rotary_rows(ours[k], mc.head_dim)
-    if mc.tie_embeddings:
-        ours.pop("output.weight", None)
+    mc, ours = read_hf_model(src)
     dest = home_mod.checkpoint_dir(phase, tag)
     if dest.exists() and not force:
         raise UserError(f"checkpoint {dest} already exists (use --force to replace it)")

@@ -465,8 +465,8 @@ class Engine:
             else:                                 # output-end: back to text
                 text = self._close_part(r)
                 r.part = "text"
-        elif r.tool is None and tok in self._tool_by_start:   # a tool call opens
-            text = self._close_part(r)
+        elif tok in self._tool_by_start:   # a tool call opens (a second start inside one starts it again)
+            text = self._close_part(r) if r.tool is None else ""
             r.tool, r.tool_ids = self._tool_by_start[tok], []
             r.part = part = r.tool.part
         elif r.tool is not None and tok == self._tool_ids[r.tool.name][0]:   # ... and closes

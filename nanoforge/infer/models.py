@@ -89,7 +89,8 @@ def discover(paths: Sequence[str | os.PathLike] = ()) -> list[ServedModel]:
                       if r["complete"]]
         exports = home_mod.home() / "exports"
         candidates += [(f"export/{p.parent.name}", p.parent, "export")
-                       for p in (sorted(exports.glob("*/config.json")) if exports.is_dir() else [])]
+                       for p in (sorted(exports.glob("*/config.json")) if exports.is_dir() else [])
+                       if not p.parent.name.startswith(".")]  # not an export being written
         for mid, path, kind in candidates:
             try:
                 info, created = (_describe_checkpoint if kind == "checkpoint" else _describe_export)(path)
@@ -120,20 +121,15 @@ def discover(paths: Sequence[str | os.PathLike] = ()) -> list[ServedModel]:
 
 
 def load_export(folder: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) from a Hugging Face Llama export, in memory: the tokenizer it was exported from
+    """(model, tokenizer) from a Hugging Face Llama, Qwen2 or NanoChat export, in memory: the tokenizer it was exported from
     when $NANOFORGE_HOME still has it (same fingerprint), else its tokenizer.json."""
     from nanoforge.checkpoint import load_weights
-    from nanoforge.export.hf import _check_supported, _config_from_hf, our_name, read_safetensors
+    from nanoforge.export.hf import read_hf_model
     from nanoforge.model import LLaMA
     from nanoforge.tokenizer import Tokenizer
     from nanoforge.tokenizer.core import BOS
 
-    cfg = home_mod.read_json(folder / "config.json", "Hugging Face config")
-    _check_supported(cfg, folder)
-    mc = _config_from_hf(cfg)
-    state = {our_name(k): v.to(torch.float32) for k, v in read_safetensors(folder).items() if "rotary_emb" not in k}
-    if mc.tie_embeddings:
-        state.pop("output.weight", None)
+    mc, state = read_hf_model(folder)
     model = LLaMA(mc)
     load_weights(model, state, where=str(folder))
     model.to(device).eval()

@@ -358,7 +358,8 @@ def create_app(pool: ModelPool, *, api_key: str | None = None, limits: ServeLimi
         names = {m.info.get("tokenizer"): m.id for m in pool.models.values() if m.info.get("tokenizer")}
         root = home_mod.home() / "tokenizers"
         for p in sorted(root.glob("*/nanoforge.json")) if root.is_dir() else []:
-            names.setdefault(p.parent.name, None)
+            if not p.parent.name.startswith("."):  # not a tokenizer being written
+                names.setdefault(p.parent.name, None)
         return {"data": [{"name": n, "model": m} for n, m in names.items()]}
 
     @app.post("/tokenize")

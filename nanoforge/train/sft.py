@@ -119,7 +119,11 @@ def phase_config(meta: dict[str, Any], phase: str, *, config: str | Path | None 
     if config:
         layers.append((config, f"config {config}"))
     base = RunConfig.from_dict(meta.get("config") or {})
-    base.model.vocab_size = int(meta["model_config"]["vocab_size"])
+    # The model is the checkpoint's, whatever its run config says (an imported checkpoint has none of its own).
+    for key, value in meta["model_config"].items():
+        if hasattr(base.model, key):
+            setattr(base.model, key, value)
+    base.model.depth = 0
     probe = RunConfig.from_dict(base.to_dict())
     touched = apply_layers(probe, layers, overrides)
     model_keys = sorted(k for s, k in touched if s == "model")
