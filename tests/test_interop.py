@@ -16,6 +16,7 @@ from nanoforge.errors import UserError
 from nanoforge.export.hf import export_hf, import_hf
 from nanoforge.export.nanochat import NANOCHAT_EPS, import_nanochat
 from nanoforge.infer.engine import generate_ids, load_checkpoint
+from nanoforge.infer.models import load_export
 from nanoforge.tokenizer import Tokenizer
 from nanoforge.tokenizer.core import NANOCHAT_PATTERN
 from nanoforge.tokenizer.formats import read_tiktoken_pickle
@@ -131,8 +132,10 @@ def test_nanochat_exports_as_nanochat_for_causal_lm_and_imports_back(nanochat_di
     theirs = hf.generate(x, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
     assert list(generate_ids(model, ids, max_new_tokens=8)) == theirs
     again, _, _ = load_checkpoint(import_hf(out, "d2-again"))
+    served, _ = load_export(out)  # what `nanoforge serve EXPORT` runs
     with torch.no_grad():
         assert (again(x) - model(x)).abs().max().item() <= 1e-5
+        assert (served(x) - model(x)).abs().max().item() <= 1e-5
 
 
 def test_import_nanochat_cli_from_one_folder(nanochat_dir: tuple, tmp_path: Path,
@@ -249,6 +252,7 @@ def test_each_variant_exports_to_its_class_and_imports_back(options: dict, cls: 
         again, _, _ = load_checkpoint(import_hf(out, "back"))
         assert again.config.qkv_bias == bool(options.get("qkv_bias"))
         assert (again(x) - model(x)).abs().max().item() <= 1e-5
+        assert (load_export(out)[0](x) - model(x)).abs().max().item() <= 1e-5
 
 
 def test_a_model_no_class_computes_is_refused_for_export(tmp_path: Path, tok_path: Path) -> None:
