@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import stat
 import subprocess
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _data_helpers import make_corpus
+from _data_helpers import make_corpus, write_parquet
 
 from nanoforge import home
 from nanoforge.cli import main
@@ -202,7 +203,12 @@ def test_tokenize_force_interrupted_keeps_the_old_folder(data, tmp_path, monkeyp
 
 
 def test_sigterm_during_tokenizer_training_cleans_up(nanoforge_home, tmp_path) -> None:
-    corpus = make_corpus(tmp_path / "corpus", n_docs=6000, files=1)
+    # Random words: enough distinct pairs that 32k merges take many seconds, so the signal lands mid-job.
+    rng = random.Random(0)
+    docs = [" ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyzäöü") for _ in range(rng.randint(3, 10)))
+                     for _ in range(60)) for _ in range(6000)]
+    corpus = tmp_path / "corpus"
+    write_parquet(corpus / "shard_00000.parquet", docs, 256)
     p = subprocess.Popen([sys.executable, "-m", "nanoforge", "tokenizer", "train", "--data", str(corpus),
                           "--backend", "python", "--vocab-size", "32768", "--name", "slow"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
