@@ -44,3 +44,11 @@ def test_registry_refuses_two_tools_on_one_start_token_and_contains_errors() -> 
         reg.register("other", str)
     boom = ToolRegistry().register("boom", lambda s: 1 / 0)
     assert ToolRegistry.call(boom, "x") == "error: ZeroDivisionError"
+
+
+def test_model_text_that_python_warns_about_is_refused_silently() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a SyntaxWarning printed to the user's terminal would raise here
+        assert calculator("12a+3").startswith("error:") and calculator("0x1for 2").startswith("error:")

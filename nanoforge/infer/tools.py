@@ -19,6 +19,7 @@ import ast
 import math
 import operator
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -48,7 +49,9 @@ def calculator(expr: str) -> str:
     if len(expr) > MAX_CHARS:
         return f"error: expression longer than {MAX_CHARS} characters"
     try:
-        tree = ast.parse(expr, mode="eval")
+        with warnings.catch_warnings():  # "invalid decimal literal" and the like: the model's text, not ours
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(expr, mode="eval")
     except (SyntaxError, ValueError):
         return "error: not a valid expression"
     if sum(1 for _ in ast.walk(tree)) > MAX_NODES:
