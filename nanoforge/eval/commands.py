@@ -88,13 +88,7 @@ def _tasks(args: argparse.Namespace) -> int:
     from nanoforge.eval.taskspec import list_tasks
 
     if args.list:
-        rows = list_tasks()
-        if args.json:
-            print(json.dumps(rows, indent=2))
-        else:
-            for r in rows:
-                print(f"{r['task']:<20} {r['output_type']:<16} {r['about']}")
-        return 0
+        return _print_task_list(list_tasks(), args.json)
     if not args.checkpoint or not args.tasks:
         raise UserError("give a CHECKPOINT and --tasks NAME_OR_YAML... (see `nanoforge eval tasks --list`)")
     from nanoforge.eval.tasks import run_tasks
@@ -124,13 +118,7 @@ def _chat(args: argparse.Namespace) -> int:
     from nanoforge.eval.chat import eval_chat, list_chat_tasks
 
     if args.list:
-        rows = list_chat_tasks()
-        if args.json:
-            print(json.dumps(rows, indent=2))
-        else:
-            for r in rows:
-                print(f"{r['task']:<20} {r['output_type']:<16} {r['about']}")
-        return 0
+        return _print_task_list(list_chat_tasks(), args.json)
     if not args.checkpoint or not args.tasks:
         raise UserError("give a CHECKPOINT and --tasks NAME_OR_YAML... (see `nanoforge eval chat --list`)")
     report = eval_chat(args.checkpoint, args.tasks, limit=args.limit, out=args.out, tokenizer=args.tokenizer,
@@ -175,3 +163,13 @@ def _lm_eval(args: argparse.Namespace) -> int:
         raise UserError("lm-evaluation-harness is not installed: pip install 'nanoforge[eval]' "
                         "(or 'lm-eval[hf]')") from None
     return adapter.run_lm_eval_cli(list(args.lm_eval_args))
+
+
+def _print_task_list(rows: list[dict], as_json: bool) -> int:
+    """`--list`: one line per bundled task (name, output type, what it measures), or the rows as JSON."""
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['task']:<20} {r['output_type']:<16} {r['about']}")
+    return 0

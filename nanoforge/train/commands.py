@@ -102,11 +102,7 @@ def _train_base(args: argparse.Namespace) -> int:
                   f"{'-' if tps is None else f'{tps:,.0f}'} tokens/s")
             print(f"checkpoint: {summary['checkpoint']}")
             print(f"metrics:    {summary['metrics']}")
-    if summary["interrupted"]:
-        print(f"interrupted ({signal.Signals(summary['interrupted']).name}); continue with --resume",
-              file=sys.stderr)
-        return 128 + int(summary["interrupted"])
-    return 0
+    return _exit_code(summary)
 
 
 def _train_chat(args: argparse.Namespace) -> int:
@@ -132,11 +128,7 @@ def _train_chat(args: argparse.Namespace) -> int:
                   f"{summary['skipped_steps']} steps skipped")
             print(f"checkpoint: {summary['checkpoint']}")
             print(f"metrics:    {summary['metrics']}")
-    if summary["interrupted"]:
-        print(f"interrupted ({signal.Signals(summary['interrupted']).name}); continue with --resume",
-              file=sys.stderr)
-        return 128 + int(summary["interrupted"])
-    return 0
+    return _exit_code(summary)
 
 
 def _train_rl(args: argparse.Namespace) -> int:
@@ -158,11 +150,7 @@ def _train_rl(args: argparse.Namespace) -> int:
                   f"held-out pass@1 {pk('_start')} -> {pk('')}")
             print(f"checkpoint: {summary['checkpoint']}")
             print(f"metrics:    {summary['metrics']}")
-    if summary["interrupted"]:
-        print(f"interrupted ({signal.Signals(summary['interrupted']).name}); continue with --resume",
-              file=sys.stderr)
-        return 128 + int(summary["interrupted"])
-    return 0
+    return _exit_code(summary)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -180,4 +168,13 @@ def _list(args: argparse.Namespace) -> int:
         bpb = f"{r['val_bpb']:.4f}" if r["val_bpb"] is not None else "-"
         steps = ",".join(map(str, r["steps"])) + ("" if r["complete"] else " (torn)")
         print(f"{r['phase']:<6} {r['tag']:<24} {r['step']:>8} {bpb:>8}  {steps:<20} {r['tokens'] or '-'}")
+    return 0
+
+
+def _exit_code(summary: dict) -> int:
+    """0, or 128 + the signal that interrupted the training (a checkpoint was written: say how to go on)."""
+    if summary["interrupted"]:
+        print(f"interrupted ({signal.Signals(summary['interrupted']).name}); continue with --resume",
+              file=sys.stderr)
+        return 128 + int(summary["interrupted"])
     return 0
