@@ -213,13 +213,7 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
         layers.append((_read_toml(Path(path)), f"config {path}"))
     explicit: set[tuple[str, str]] = set()
     for data, where in layers:
-        for section, values in data.items():
-            if section == "preset":
-                continue
-            if section not in SECTIONS or not isinstance(values, dict):
-                raise UserError(f"{where}: unknown section '{section}'; valid sections: {', '.join(SECTIONS)}")
-            for key, value in values.items():
-                _set(cfg, section, key, value, where)
+        _apply_table(cfg, data, where)
     for item in overrides:
         section, key, value = _parse_override(item)
         _set(cfg, section, key, value, f"--set {item}")
@@ -235,6 +229,20 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
     return cfg
 
 
+def _apply_table(cfg: RunConfig, data: dict[str, Any], where: str) -> set[tuple[str, str]]:
+    """Set every `[section] key = value` of one TOML table on `cfg`; returns the (section, key) pairs set."""
+    touched: set[tuple[str, str]] = set()
+    for section, values in data.items():
+        if section == "preset":
+            continue
+        if section not in SECTIONS or not isinstance(values, dict):
+            raise UserError(f"{where}: unknown section '{section}'; valid sections: {', '.join(SECTIONS)}")
+        for key, value in values.items():
+            _set(cfg, section, key, value, where)
+            touched.add((section, key))
+    return touched
+
+
 def apply_layers(cfg: RunConfig, layers: list[tuple[str | Path, str]] = (),
                  overrides: list[str] | tuple[str, ...] = ()) -> set[tuple[str, str]]:
     """Apply TOML files [(path, what)] and then `section.key=value` overrides onto `cfg` in place (no depth
@@ -242,14 +250,7 @@ def apply_layers(cfg: RunConfig, layers: list[tuple[str | Path, str]] = (),
     base checkpoint's resolved config and put their phase defaults and the user's settings on top."""
     touched: set[tuple[str, str]] = set()
     for path, where in layers:
-        for section, values in _read_toml(Path(path)).items():
-            if section == "preset":
-                continue
-            if section not in SECTIONS or not isinstance(values, dict):
-                raise UserError(f"{where}: unknown section '{section}'; valid sections: {', '.join(SECTIONS)}")
-            for key, value in values.items():
-                _set(cfg, section, key, value, where)
-                touched.add((section, key))
+        touched |= _apply_table(cfg, _read_toml(Path(path)), where)
     for item in overrides:
         section, key, value = _parse_override(item)
         _set(cfg, section, key, value, f"--set {item}")

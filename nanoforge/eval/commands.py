@@ -98,19 +98,7 @@ def _tasks(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    for task, row in report["results"].items():
-        n = report["n-samples"][task]["effective"]
-        eps = report["nanoforge"]["tasks"][task]["examples_per_second"]
-        for key, v in row.items():
-            if key == "alias" or "_stderr" in key:
-                continue
-            metric, filt = key.split(",", 1)
-            se = row.get(f"{metric}_stderr,{filt}")
-            name = metric if filt == "none" else f"{metric} ({filt})"
-            print(f"{task:<20} {name:<30} {v:.4f} ± {se:.4f}   n={n}  {eps:.1f} examples/s")
-    if args.out:
-        print(f"results: {args.out}")
-    return 0
+    return _print_results(report, args.out)
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -126,18 +114,7 @@ def _chat(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    for task, row in report["results"].items():
-        n = report["n-samples"].get(task, {}).get("effective")
-        for key, v in row.items():
-            if key == "alias" or "_stderr" in key:
-                continue
-            metric, filt = key.split(",", 1)
-            se = row.get(f"{metric}_stderr,{filt}")
-            name = metric if filt == "none" else f"{metric} ({filt})"
-            print(f"{task:<20} {name:<30} {v:.4f}" + (f" ± {se:.4f}   n={n}" if se is not None else ""))
-    if args.out:
-        print(f"results: {args.out}")
-    return 0
+    return _print_results(report, args.out)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -172,4 +149,24 @@ def _print_task_list(rows: list[dict], as_json: bool) -> int:
     else:
         for r in rows:
             print(f"{r['task']:<20} {r['output_type']:<16} {r['about']}")
+    return 0
+
+
+def _print_results(report: dict, out: str | None) -> int:
+    """One line per task and metric of an lm-eval-layout report: value ± stderr, n, and the scoring speed
+    where the report has it (eval tasks); aggregate rows without a stderr (ChatCORE) print the value alone."""
+    speeds = report.get("nanoforge", {}).get("tasks", {})
+    for task, row in report["results"].items():
+        n = report["n-samples"].get(task, {}).get("effective")
+        eps = speeds.get(task, {}).get("examples_per_second")
+        for key, v in row.items():
+            if key == "alias" or "_stderr" in key:
+                continue
+            metric, filt = key.split(",", 1)
+            se = row.get(f"{metric}_stderr,{filt}")
+            name = metric if filt == "none" else f"{metric} ({filt})"
+            print(f"{task:<20} {name:<30} {v:.4f}" + (f" ± {se:.4f}   n={n}" if se is not None else "")
+                  + (f"  {eps:.1f} examples/s" if eps is not None else ""))
+    if out:
+        print(f"results: {out}")
     return 0
