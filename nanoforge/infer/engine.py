@@ -41,6 +41,7 @@ import torch
 
 from nanoforge.errors import UserError
 from nanoforge.infer.tools import Tool, ToolRegistry, default_tools
+from nanoforge.model.decode import DecodeStep
 
 ASSISTANT_END = "<|assistant_end|>"
 
@@ -213,6 +214,8 @@ class Engine:
         # with dynamic shapes it traces once. On a CPU it does not pay (measured slower than eager for
         # cpu-demo, after ~80 s of compiling); it is meant for CUDA, where it removes per-op launch cost.
         self._hidden_decode = torch.compile(model.hidden, dynamic=True) if compile else model.hidden
+        # fp32 without compile: the decode step runs as plain tensor operations (nanoforge/model/decode.py)
+        self._decode_step = DecodeStep(model) if not compile and DecodeStep.supports(model, autocast) else None
 
     # ---- public API ------------------------------------------------------------------------------
     def add(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
@@ -390,7 +393,11 @@ class Engine:
         return self._advance(rows, logits, first=True)
 
     def _decode(self, rows: list[_Row]) -> list[Delta]:
-        logits = self._forward(0, [[r.last] for r in rows], [r.length for r in rows])
+        if self._decode_step is not None:
+            tokens = torch.tensor([r.last for r in rows], device=self.device)
+            logits = self._decode_step(tokens, [r.length for r in rows], self._cache)
+        else:
+            logits = self._forward(0, [[r.last] for r in rows], [r.length for r in rows])
         for r in rows:
             r.length += 1
         return self._advance(rows, logits, first=False)

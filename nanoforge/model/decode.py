@@ -1,0 +1,149 @@
+"""One decoding step of the LLaMA model for inference: the arithmetic of `LLaMA.hidden` + `logits` for one
+new token per row, as plain tensor operations over weights prepared once.
+
+At one token per row the model's forward is mostly overhead, not arithmetic: module calls, autograd
+Functions (the CPU RMSNorm and rotary go through Function.apply even under no_grad), three products
+where one would do, per-layer masks and position tensors. Here a layer is ~18 tensor operations:
+
+- q, k and v come from one product with the concatenated weight, gate and up (w1|w3) from another;
+- each RMSNorm's weight (and its √d) is folded into the product that follows it, so a norm is
+  three operations (‖x‖, hypot with √(d·eps), divide);
+- the residual adds ride on the products (addmm);
+- the rotary rows, the key mask and the cache positions are made once per step for all layers, and
+  queries and keys are rotated together.
+
+    step = DecodeStep(model)                  # when DecodeStep.supports(model, autocast)
+    logits = step(tokens, lengths, cache)     # tokens [B]: row i at position lengths[i] of cache row i
+
+The prepared weights are copies (the model's parameters stay as they are): about 2/3 of the blocks'
+weights again in memory. They are rebuilt when any parameter changes (its version counter or storage
+moves: an optimizer step, load_state_dict), so training the model in place between generations (RL)
+needs nothing from the caller. fp32 only: under autocast the model's own path does its casts. The
+results equal the model's forward up to float32 rounding (summation order), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from nanoforge.model.llama import KVCache, LLaMA
+
+
+class DecodeStep:
+    """Next-token logits [B, vocab_size] (float32) for one token per row, rows 0..B-1 of the cache."""
+
+    def __init__(self, model: LLaMA) -> None:
+        c = model.config
+        self.model = model
+        self.H, self.Hkv, self.D = c.n_heads, c.n_kv_heads, c.head_dim
+        self.d = c.d_model
+        self.qk_eps = c.norm_eps if c.qk_norm else None
+        self.swiglu = c.mlp == "swiglu"
+        self.ffn = c.ffn_dim
+        self.cap = c.logit_softcap
+        self._params = list(model.parameters())
+        self._key: list[tuple[int, int]] | None = None
+        # ‖x‖ → rms: x / sqrt(‖x‖²/d + eps) = √d · x / hypot(‖x‖, √(d·eps)); √d goes into the weights
+        self._hypot_c = torch.tensor(math.sqrt(c.d_model * c.norm_eps), device=model.rope_cos.device)
+
+    @staticmethod
+    def supports(model: torch.nn.Module, autocast: torch.dtype | None) -> bool:
+        """The model is our LLaMA in float32, runs without autocast, and its `hidden` and `logits` are
+        LLaMA's own (not replaced on the instance or in a subclass: then the caller wants those)."""
+        own = all(getattr(type(model), f, None) is getattr(LLaMA, f) and f not in vars(model)
+                  for f in ("hidden", "logits"))
+        return isinstance(model, LLaMA) and own and autocast is None \
+            and all(p.dtype == torch.float32 for p in model.parameters())
+
+    def _prepare(self) -> None:
+        key = [(p.data_ptr(), p._version) for p in self._params]
+        if key == self._key:
+            return
+        m, root_d = self.model, math.sqrt(self.d)
+
+        def fold(w: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+            """w · diag(norm weight · √d)."""
+            return w * (root_d if norm.weight is None else norm.weight * root_d)
+
+        with torch.no_grad():
+            self.layers = []
+            for layer in m.layers:
+                att, ff = layer.attention, layer.feed_forward
+                qkv = torch.cat((att.wq.weight, att.wk.weight, att.wv.weight))
+                bias = None if att.wq.bias is None else torch.cat((att.wq.bias, att.wk.bias, att.wv.bias))[:, None]
+                up = ff.w1.weight if ff.w3 is None else torch.cat((ff.w1.weight, ff.w3.weight))
+                self.layers.append((fold(qkv, layer.attention_norm), bias, att.wo.weight,
+                                    fold(up, layer.ffn_norm), ff.w2.weight))
+            w = m.tok_embeddings.weight if m.output is None else m.output.weight
+            self.out = fold(w[:m.config.vocab_size], m.norm)
+            self.embed_scale = None
+            if m.embed_norm is not None:
+                en = m.embed_norm.weight
+                self.embed_scale = torch.tensor(root_d) if en is None else (en * root_d).clone()
+        self._key = key
+
+    def _unit(self, x: torch.Tensor) -> torch.Tensor:
+        """x / rms(x) / √d (the √d and the norm weight are in the next product's weight)."""
+        return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self._hypot_c)
+
+    def __call__(self, tokens: torch.Tensor, lengths: Sequence[int], cache: KVCache) -> torch.Tensor:
+        self._prepare()
+        m = self.model
+        H, Hkv, D = self.H, self.Hkv, self.D
+        B, h, nqk = tokens.shape[0], D // 2, (H + Hkv) * D
+        p_max = max(lengths)
+        kv_len = p_max + 1
+        m._rope(0, kv_len)  # extends the tables if ever needed
+        if min(lengths) == p_max:  # one position: table rows broadcast, keys need no mask
+            cos, sin = m.rope_cos[p_max], m.rope_sin[p_max]                            # [D]
+            mask = None
+            k_new, v_new = cache.k[:, :B, :, p_max], cache.v[:, :B, :, p_max]   # [L, B, Hkv, D] views
+        else:
+            pos = torch.tensor(lengths, device=tokens.device)
+            cos, sin = m.rope_cos[pos].unsqueeze(1), m.rope_sin[pos].unsqueeze(1)   # [B, 1, D]
+            mask = (torch.arange(kv_len, device=tokens.device) <= pos.unsqueeze(1)).view(B, 1, 1, kv_len)
+            rows = torch.arange(B, device=tokens.device)
+        sin_lo, sin_hi = sin[..., :h], sin[..., h:]
+        keys, values = cache.k[:, :B, :, :kv_len], cache.v[:, :B, :, :kv_len]
+
+        # Products are computed transposed, W @ xᵀ ([out, B]): with x row-major that is MKL's fastest form
+        # for a few rows (1.6× F.linear at 8 rows on an AVX2 EPYC). Activations entering a product are
+        # [B, in] contiguous; what comes out is [out, B] and is read through transposed views.
+        x = F.embedding(tokens, m.tok_embeddings.weight)
+        if self.embed_scale is not None:
+            x = self._unit(x).mul_(self.embed_scale)
+        for i, (w_qkv, b_qkv, w_o, w_up, w_2) in enumerate(self.layers):
+            a = self._unit(x).t()
+            qkv = torch.mm(w_qkv, a) if b_qkv is None else torch.addmm(b_qkv, w_qkv, a)   # [(H+2Hkv)·D, B]
+            qk = qkv[:nqk].view(H + Hkv, D, B).permute(2, 0, 1)     # [B, H + Hkv, D] view
+            # rotate-half rotary of llama._Rope on queries and keys at once, x·cos + (-x2, x1)·sin, into
+            # row-major heads (attention wants each head's D contiguous)
+            r = torch.mul(qk, cos, out=torch.empty(B, H + Hkv, D, device=x.device))
+            r[..., :h].addcmul_(qk[..., h:], sin_lo, value=-1.0)
+            r[..., h:].addcmul_(qk[..., :h], sin_hi)
+            if self.qk_eps is not None:  # nanochat: parameter-free, after the rotary
+                r = F.rms_norm(r, (D,), None, self.qk_eps)
+            v = qkv[nqk:].view(Hkv, D, B).permute(2, 0, 1)
+            if mask is None:
+                k_new[i].copy_(r[:, H:])
+                v_new[i].copy_(v)
+            else:
+                cache.k[i, rows, :, pos] = r[:, H:]
+                cache.v[i, rows, :, pos] = v
+            y = F.scaled_dot_product_attention(r[:, :H].unsqueeze(2), keys[i], values[i], attn_mask=mask,
+                                               enable_gqa=Hkv != H)
+            x = x + torch.mm(w_o, y.view(B, H * D).t()).t()
+            u = torch.mm(w_up, self._unit(x).t())                     # [ffn (·2), B]
+            g = torch.empty(B, self.ffn, device=x.device)
+            if self.swiglu:
+                torch.mul(F.silu(u[:self.ffn]), u[self.ffn:], out=g.t())
+            else:
+                torch.square(F.relu_(u), out=g.t())
+            x = x + torch.mm(w_2, g.t()).t()
+        logits = torch.mm(self.out, self._unit(x).t()).t().contiguous()
+        cap = self.cap
+        return cap * torch.tanh(logits / cap) if cap else logits
