@@ -83,67 +83,78 @@ class DecodeStep:
             self.embed_scale = None
             if m.embed_norm is not None:
                 en = m.embed_norm.weight
-                self.embed_scale = torch.tensor(root_d) if en is None else (en * root_d).clone()
+                self.embed_scale = (torch.full((self.d,), root_d, device=w.device) if en is None else en * root_d)[:, None]
         self._key = key
 
-    def _unit(self, x: torch.Tensor) -> torch.Tensor:
-        """x / rms(x) / √d (the √d and the norm weight are in the next product's weight)."""
-        return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self._hypot_c)
+    def _unit(self, xt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """xᵀ [d, B] / rms / √d into `out` (the √d and the norm weight are in the next product's weight)."""
+        return torch.div(xt, torch.hypot(torch.linalg.vector_norm(xt, dim=0, keepdim=True), self._hypot_c), out=out)
 
     def __call__(self, tokens: torch.Tensor, lengths: Sequence[int], cache: KVCache) -> torch.Tensor:
         self._prepare()
         m = self.model
         H, Hkv, D = self.H, self.Hkv, self.D
-        B, h, nqk = tokens.shape[0], D // 2, (H + Hkv) * D
+        B, h, dev = tokens.shape[0], D // 2, tokens.device
         p_max = max(lengths)
         kv_len = p_max + 1
         m._rope(0, kv_len)  # extends the tables if ever needed
         if min(lengths) == p_max:  # one position: table rows broadcast, keys need no mask
             cos, sin = m.rope_cos[p_max], m.rope_sin[p_max]                            # [D]
             mask = None
-            k_new, v_new = cache.k[:, :B, :, p_max], cache.v[:, :B, :, p_max]   # [L, B, Hkv, D] views
+            k_new, v_new = cache.k[:, :B, :, p_max].unbind(0), cache.v[:, :B, :, p_max].unbind(0)
         else:
-            pos = torch.tensor(lengths, device=tokens.device)
+            pos = torch.tensor(lengths, device=dev)
             cos, sin = m.rope_cos[pos].unsqueeze(1), m.rope_sin[pos].unsqueeze(1)   # [B, 1, D]
-            mask = (torch.arange(kv_len, device=tokens.device) <= pos.unsqueeze(1)).view(B, 1, 1, kv_len)
-            rows = torch.arange(B, device=tokens.device)
-        sin_lo, sin_hi = sin[..., :h], sin[..., h:]
-        keys, values = cache.k[:, :B, :, :kv_len], cache.v[:, :B, :, :kv_len]
+            mask = (torch.arange(kv_len, device=dev) <= pos.unsqueeze(1)).view(B, 1, 1, kv_len)
+            rows = torch.arange(B, device=dev)
+        sin_lo, sin_hi = sin.split(h, -1)
+        keys, values = cache.k[:, :B, :, :kv_len].unbind(0), cache.v[:, :B, :, :kv_len].unbind(0)
 
-        # Products are computed transposed, W @ xᵀ ([out, B]): with x row-major that is MKL's fastest form
-        # for a few rows (1.6× F.linear at 8 rows on an AVX2 EPYC). Activations entering a product are
-        # [B, in] contiguous; what comes out is [out, B] and is read through transposed views.
-        x = F.embedding(tokens, m.tok_embeddings.weight)
+        # Products are computed transposed, W @ aᵀ ([out, B]) with a [B, in] row-major: MKL's fastest form
+        # for a few rows (1.6× F.linear at 8 rows on an AVX2 EPYC). So the residual stream is kept as
+        # xᵀ [d, B], normalised activations are written row-major into `a`, and the residual adds ride on
+        # the products (addmm). Buffers are reused by every layer.
+        a = torch.empty(B, self.d, device=dev)
+        at = a.t()
+        r = torch.empty(B, H + Hkv, D, device=dev)       # rotated queries and keys, row-major heads
+        r_lo, r_hi = r.split(h, -1)
+        q, k_rot = r[:, :H].unsqueeze(2), r[:, H:]
+        g = torch.empty(B, self.ffn, device=dev)
+        gt = g.t()
+        xt = F.embedding(tokens, m.tok_embeddings.weight).t()
         if self.embed_scale is not None:
-            x = self._unit(x).mul_(self.embed_scale)
+            xt = self._unit(xt, torch.empty_like(xt)).mul_(self.embed_scale)
+        split_qkv, split_up = ((H + Hkv) * D, Hkv * D), self.ffn
         for i, (w_qkv, b_qkv, w_o, w_up, w_2) in enumerate(self.layers):
-            a = self._unit(x).t()
-            qkv = torch.mm(w_qkv, a) if b_qkv is None else torch.addmm(b_qkv, w_qkv, a)   # [(H+2Hkv)·D, B]
-            qk = qkv[:nqk].view(H + Hkv, D, B).permute(2, 0, 1)     # [B, H + Hkv, D] view
-            # rotate-half rotary of llama._Rope on queries and keys at once, x·cos + (-x2, x1)·sin, into
-            # row-major heads (attention wants each head's D contiguous)
-            r = torch.mul(qk, cos, out=torch.empty(B, H + Hkv, D, device=x.device))
-            r[..., :h].addcmul_(qk[..., h:], sin_lo, value=-1.0)
-            r[..., h:].addcmul_(qk[..., :h], sin_hi)
+            self._unit(xt, at)
+            qkv = torch.mm(w_qkv, at) if b_qkv is None else torch.addmm(b_qkv, w_qkv, at)   # [(H+2Hkv)·D, B]
+            qk, v = qkv.split(split_qkv)
+            qk = qk.view(H + Hkv, D, B).permute(2, 0, 1)          # [B, H + Hkv, D] views
+            v = v.view(Hkv, D, B).permute(2, 0, 1)
+            qk_lo, qk_hi = qk.split(h, -1)
+            # rotate-half rotary of llama._Rope on queries and keys at once: x·cos + (-x2, x1)·sin
+            torch.mul(qk, cos, out=r)
+            r_lo.addcmul_(qk_hi, sin_lo, value=-1.0)
+            r_hi.addcmul_(qk_lo, sin_hi)
             if self.qk_eps is not None:  # nanochat: parameter-free, after the rotary
-                r = F.rms_norm(r, (D,), None, self.qk_eps)
-            v = qkv[nqk:].view(Hkv, D, B).permute(2, 0, 1)
+                r.copy_(F.rms_norm(r, (D,), None, self.qk_eps))
             if mask is None:
-                k_new[i].copy_(r[:, H:])
+                k_new[i].copy_(k_rot)
                 v_new[i].copy_(v)
             else:
-                cache.k[i, rows, :, pos] = r[:, H:]
+                cache.k[i, rows, :, pos] = k_rot
                 cache.v[i, rows, :, pos] = v
-            y = F.scaled_dot_product_attention(r[:, :H].unsqueeze(2), keys[i], values[i], attn_mask=mask,
-                                               enable_gqa=Hkv != H)
-            x = x + torch.mm(w_o, y.view(B, H * D).t()).t()
-            u = torch.mm(w_up, self._unit(x).t())                     # [ffn (·2), B]
-            g = torch.empty(B, self.ffn, device=x.device)
+            y = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask, enable_gqa=Hkv != H)
+            xt = torch.addmm(xt, w_o, y.view(B, H * D).t())
+            self._unit(xt, at)
+            u = torch.mm(w_up, at)                                 # [ffn (·2), B]
             if self.swiglu:
-                torch.mul(F.silu(u[:self.ffn]), u[self.ffn:], out=g.t())
+                gate, up = u.split(split_up)
+                torch.mul(F.silu(gate), up, out=gt)
             else:
-                torch.square(F.relu_(u), out=g.t())
-            x = x + torch.mm(w_2, g.t()).t()
-        logits = torch.mm(self.out, self._unit(x).t()).t().contiguous()
+                torch.square(F.relu_(u), out=gt)
+            xt = torch.addmm(xt, w_2, gt)
+        self._unit(xt, at)
+        logits = torch.mm(self.out, at).t().contiguous()
         cap = self.cap
         return cap * torch.tanh(logits / cap) if cap else logits
