@@ -94,7 +94,7 @@ class DecodeStep:
         self._prepare()
         m = self.model
         H, Hkv, D = self.H, self.Hkv, self.D
-        B, h, dev = tokens.shape[0], D // 2, tokens.device
+        B, dev = tokens.shape[0], tokens.device
         p_max = max(lengths)
         kv_len = p_max + 1
         m._rope(0, kv_len)  # extends the tables if ever needed
@@ -107,7 +107,7 @@ class DecodeStep:
             cos, sin = m.rope_cos[pos].unsqueeze(1), m.rope_sin[pos].unsqueeze(1)   # [B, 1, D]
             mask = (torch.arange(kv_len, device=dev) <= pos.unsqueeze(1)).view(B, 1, 1, kv_len)
             rows = torch.arange(B, device=dev)
-        sin_lo, sin_hi = sin.split(h, -1)
+        sin_lo, sin_hi = sin.chunk(2, -1)
         keys, values = cache.k[:, :B, :, :kv_len].unbind(0), cache.v[:, :B, :, :kv_len].unbind(0)
 
         # Products are computed transposed, W @ aᵀ ([out, B]) with a [B, in] row-major: MKL's fastest form
@@ -117,21 +117,21 @@ class DecodeStep:
         a = torch.empty(B, self.d, device=dev)
         at = a.t()
         r = torch.empty(B, H + Hkv, D, device=dev)       # rotated queries and keys, row-major heads
-        r_lo, r_hi = r.split(h, -1)
+        r_lo, r_hi = r.chunk(2, -1)
         q, k_rot = r[:, :H].unsqueeze(2), r[:, H:]
         g = torch.empty(B, self.ffn, device=dev)
         gt = g.t()
         xt = F.embedding(tokens, m.tok_embeddings.weight).t()
         if self.embed_scale is not None:
             xt = self._unit(xt, torch.empty_like(xt)).mul_(self.embed_scale)
-        split_qkv, split_up = ((H + Hkv) * D, Hkv * D), self.ffn
+        split_qkv = [(H + Hkv) * D, Hkv * D]   # Tensor.split is a Python wrapper: the native ops are cheaper
         for i, (w_qkv, b_qkv, w_o, w_up, w_2) in enumerate(self.layers):
             self._unit(xt, at)
             qkv = torch.mm(w_qkv, at) if b_qkv is None else torch.addmm(b_qkv, w_qkv, at)   # [(H+2Hkv)·D, B]
-            qk, v = qkv.split(split_qkv)
+            qk, v = qkv.split_with_sizes(split_qkv)
             qk = qk.view(H + Hkv, D, B).permute(2, 0, 1)          # [B, H + Hkv, D] views
             v = v.view(Hkv, D, B).permute(2, 0, 1)
-            qk_lo, qk_hi = qk.split(h, -1)
+            qk_lo, qk_hi = qk.chunk(2, -1)
             # rotate-half rotary of llama._Rope on queries and keys at once: x·cos + (-x2, x1)·sin
             torch.mul(qk, cos, out=r)
             r_lo.addcmul_(qk_hi, sin_lo, value=-1.0)
@@ -149,7 +149,7 @@ class DecodeStep:
             self._unit(xt, at)
             u = torch.mm(w_up, at)                                 # [ffn (·2), B]
             if self.swiglu:
-                gate, up = u.split(split_up)
+                gate, up = u.chunk(2)
                 torch.mul(F.silu(gate), up, out=gt)
             else:
                 torch.square(F.relu_(u), out=gt)
