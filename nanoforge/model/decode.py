@@ -3,14 +3,16 @@ new token per row, as plain tensor operations over weights prepared once.
 
 At one token per row the model's forward is mostly overhead, not arithmetic: module calls, autograd
 Functions (the CPU RMSNorm and rotary go through Function.apply even under no_grad), three products
-where one would do, per-layer masks and position tensors. Here a layer is ~18 tensor operations:
+where one would do, per-layer masks and position tensors. Here a layer is ~18 computing tensor
+operations (and a few views):
 
 - q, k and v come from one product with the concatenated weight, gate and up (w1|w3) from another;
 - each RMSNorm's weight (and its √d) is folded into the product that follows it, so a norm is
   three operations (‖x‖, hypot with √(d·eps), divide);
 - the residual adds ride on the products (addmm);
-- the rotary rows, the key mask and the cache positions are made once per step for all layers, and
-  queries and keys are rotated together.
+- the rotary rows, the key mask, the cache views and the buffers are made once per step for all layers,
+  and queries and keys are rotated together straight into the buffer the attention reads;
+- products are computed transposed (W @ xᵀ), MKL's fastest form for a few rows.
 
     step = DecodeStep(model)                  # when DecodeStep.supports(model, autocast)
     logits = step(tokens, lengths, cache)     # tokens [B]: row i at position lengths[i] of cache row i
