@@ -137,7 +137,7 @@ def _group_starts(keys: np.ndarray) -> np.ndarray:
     first = np.empty(len(keys), dtype=bool)
     first[:1] = True
     np.not_equal(keys[1:], keys[:-1], out=first[1:])
-    return np.flatnonzero(first)
+    return first.nonzero()[0]
 
 
 def _split(values: np.ndarray, starts: np.ndarray) -> list[np.ndarray]:
@@ -151,7 +151,7 @@ def _by_neighbour(neighbour: np.ndarray, count: np.ndarray, slot: np.ndarray
     """Distinct neighbours (ascending), the summed count of each and their slots (ascending)."""
     if not len(neighbour):
         return [], [], []
-    order = np.argsort(neighbour, kind="stable")
+    order = neighbour.argsort(kind="stable")  # the method: np.argsort's wrapper costs more than tiny sorts
     neighbour, count, slot = neighbour[order], count[order], slot[order]
     starts = _group_starts(neighbour)
     return neighbour[starts].tolist(), np.add.reduceat(count, starts).tolist(), _split(slot, starts)
@@ -177,7 +177,7 @@ def _merge_slots(tok: np.ndarray, nxt: np.ndarray, prv: np.ndarray, word: np.nda
     x, y = tok[xs], tok[ys]
     # two occurrences side by side: the second's left neighbour is the first's new token (and the first's right
     # neighbour stays a, as the string path counts it: (b, a) -> (new, a) and (a, new) -> (new, new) cancel out)
-    after = np.flatnonzero(xs[1:] == right[:-1]) + 1
+    after = (xs[1:] == right[:-1]).nonzero()[0] + 1
     x[after] = new
     xs[after] = slots[after - 1]
     count = word_counts[word[slots]]
@@ -306,6 +306,18 @@ def train_bpe(chunk_counts: dict[str, int], num_merges: int, *, vector_min: floa
             if i < 0:  # no longer holds the pair (an earlier merge took one of its halves), or listed twice
                 continue
             c = counts[wi]
+            j = i + 2
+            if w.find(ab, j) < 0:  # one occurrence (the common case)
+                if i:
+                    x = w[i - 1]
+                    left_count[x] += c
+                    left_words[x].append(wi)
+                if j < len(w):
+                    y = w[j]
+                    right_count[y] += c
+                    right_words[y].append(wi)
+                words[wi] = w[:i] + N + w[j:]
+                continue
             n = len(w)
             prev_end = -1
             while i >= 0:
