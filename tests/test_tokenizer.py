@@ -139,6 +139,30 @@ def test_python_backend_matches_rustbpe_on_random_text(docs: list[str], merges: 
     assert ranks == expected
 
 
+def test_count_chunks_in_worker_processes_counts_every_regex_chunk(slice_docs: list[str]) -> None:
+    """Two workers started from a fork server (this process has rayon's threads by now), small batches so both
+    get some; the total is the regex module's own count over every document."""
+    import threading
+    from collections import Counter
+
+    import regex
+
+    from nanoforge.tokenizer.bpe import count_chunks
+
+    docs = slice_docs[:60]
+    stop = threading.Event()
+    busy = threading.Thread(target=stop.wait)  # a live thread in the parent, as after the earlier stages
+    busy.start()
+    try:
+        counts = count_chunks(iter(docs), NANOCHAT_PATTERN, processes=2, batch_chars=20_000)
+    finally:
+        stop.set()
+        busy.join()
+    pat = regex.compile(NANOCHAT_PATTERN)
+    assert counts == Counter(c for d in docs for c in pat.findall(d))
+    assert count_chunks([], NANOCHAT_PATTERN) == Counter()
+
+
 def test_python_and_rustbpe_backends_save_identical_tokenizers(toks: dict[str, Tokenizer]) -> None:
     assert toks["python"].ranks == toks["rustbpe"].ranks
     assert toks["python"].fingerprint == toks["rustbpe"].fingerprint

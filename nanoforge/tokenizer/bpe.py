@@ -1,7 +1,7 @@
 """Our own byte-level BPE trainer in Python (numpy for the counts and the merges that touch many places): the
 readable reference and the oracle for the fast backends.
 
-    counts = count_chunks(texts, pattern)            # regex pre-tokenization over 2 processes
+    counts = count_chunks(texts, pattern)            # regex pre-tokenization over 2 processes (pretokenize.py)
     merges = train_bpe(counts, num_merges)           # [(left_id, right_id), ...]; merge i makes id 256 + i
 
 It produces exactly the merges rustbpe produces on the same input. rustbpe's rule (src/lib.rs,
@@ -15,81 +15,17 @@ pair (`_Queue`: one bucket per count, a heap only for the bucket being taken fro
 from __future__ import annotations
 
 import heapq
-import os
-import signal
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
-from multiprocessing import get_context
+from collections import defaultdict
 from typing import Any
 
 import numpy as np
-import regex
+
+from nanoforge.pretokenize import count_chunks
+
+__all__ = ["count_chunks", "merges_to_ranks", "train_bpe"]
 
 _SHIFT = 20            # ids < 2**20 (a 1M vocabulary); a pair is left << 20 | right
 _MASK = (1 << _SHIFT) - 1
-
-def _count_texts(pat: regex.Pattern, texts: list[str], into: Counter[str]) -> None:
-    for t in texts:
-        into.update(pat.findall(t))
-
-
-def _worker(pattern: str, inbox: Any, outbox: Any) -> None:
-    """Count the chunks of every batch from `inbox` until None; send the total once (few big merges)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which terminates us
-    pat = regex.compile(pattern)
-    counts: Counter[str] = Counter()
-    for texts in iter(inbox.get, None):
-        _count_texts(pat, texts, counts)
-    outbox.put(dict(counts))
-
-
-def _batches(texts: Iterable[str], batch_chars: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    n = 0
-    for t in texts:
-        batch.append(t)
-        n += len(t)
-        if n >= batch_chars:
-            yield batch
-            batch, n = [], 0
-    if batch:
-        yield batch
-
-
-def count_chunks(texts: Iterable[str], pattern: str, *, processes: int = 2,
-                 batch_chars: int = 1 << 19) -> Counter[str]:
-    """Count every regex chunk of every text; the splitting runs in `processes` worker processes while
-    this one reads the documents."""
-    total: Counter[str] = Counter()
-    if processes <= 1:
-        pat = regex.compile(pattern)
-        for b in _batches(texts, batch_chars):
-            _count_texts(pat, b, total)
-        return total
-    ctx = get_context("fork" if hasattr(os, "fork") else "spawn")
-    inbox, outbox = ctx.Queue(maxsize=4 * processes), ctx.Queue()
-    workers = [ctx.Process(target=_worker, args=(pattern, inbox, outbox), daemon=True) for _ in range(processes)]
-    for w in workers:
-        w.start()
-    try:
-        for b in _batches(texts, batch_chars):
-            inbox.put(b)
-        for _ in workers:
-            inbox.put(None)
-        results = sorted((outbox.get() for _ in workers), key=len, reverse=True)
-        total = Counter(results[0])
-        for r in results[1:]:
-            total.update(r)
-        for w in workers:
-            w.join()
-    finally:
-        if any(w.is_alive() for w in workers):  # interrupted: stop the workers, drop what is still queued
-            inbox.cancel_join_thread()
-            for w in workers:
-                w.terminate()
-                w.join()
-    return total
-
 
 _SEP, _DEL = -1, -2    # flat state: the slot between two words, a slot whose token was merged into its left
 
