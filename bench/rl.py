@@ -23,11 +23,13 @@ its logs.
 Measured: rollouts/s = completions / the time from prompts to decoded completions (ours: the engine;
 TRL: `GRPOTrainer._generate`), and optimizer steps/s = 1 / the time of a whole step (rollouts, rewards,
 loss, backward, optimizer). The sides alternate --repeats times, each run --steps steps with the first
-dropped (warm-up); the best run counts (least disturbed by other jobs); the ratio of CPU time is shown
-too. On a machine shared with other jobs, run with one thread (OMP_NUM_THREADS=1 --threads 1): two
-threads competing for busy cores were 20-40× slower here.
+dropped (warm-up); every run repeats the same steps, and each step counts with its fastest run (the
+least disturbed by other jobs); the rates per CPU second are shown too. On a machine shared with other
+jobs, run with one thread (OMP_NUM_THREADS=1 ... --threads 1): two threads competing for busy cores
+were 20-40× slower here, on both sides.
 
-    .venv/bin/python bench/rl.py                    # 4 prompts × 8 samples, 64 new tokens, 3 steps, best of 3
+    .venv/bin/python bench/rl.py                  # 4 prompts × 8 samples, 64 new tokens, 3 steps, 4 runs each
+    OMP_NUM_THREADS=1 .venv/bin/python bench/rl.py --threads 1
     .venv/bin/python bench/rl.py --prompts 2 --group 4 --new-tokens 32 --repeats 2
 """
 
@@ -37,7 +39,6 @@ import argparse
 import contextlib
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import warnings
@@ -236,21 +237,26 @@ def run_trl(env: dict[str, Any], args: argparse.Namespace, out: Path) -> dict[st
 
 # --- the report ------------------------------------------------------------------------------------------
 def summarise(logs: list[dict[str, list]]) -> dict[str, float]:
-    """The best run's median over its steps after the first: rollouts/s and steps/s, wall and CPU."""
-    best: dict[str, float] = {}
-    for log in logs:
-        ro, st = log["rollouts"][1:] or log["rollouts"], log["steps"][1:] or log["steps"]
-        run = {"rollouts_s": statistics.median(r["n"] / r["wall"] for r in ro),
-               "rollouts_s_cpu": statistics.median(r["n"] / r["cpu"] for r in ro),
-               "steps_s": statistics.median(1 / s["wall"] for s in st),
-               "steps_s_cpu": statistics.median(1 / s["cpu"] for s in st)}
-        for k, v in run.items():
-            best[k] = max(best.get(k, v), v)
-    all_ro = [r for log in logs for r in log["rollouts"]]
-    n = sum(r["n"] for r in all_ro)
-    best.update(length=sum(r["tokens"] + r["forced"] for r in all_ro) / n, stopped=sum(r["stopped"] for r in all_ro) / n,
-                forced=sum(r["forced"] for r in all_ro), reward=sum(r["reward"] for r in all_ro) / n)
-    return best
+    """Rollouts/s, generated tokens/s and optimizer steps/s per wall-clock and per CPU second. Every run
+    does the same steps (same prompts, same seeds), so each step after the first counts with its fastest
+    run (wall and CPU separately): the rates are totals over the sums of those times. Also the
+    completions' mean length, stop rate and reward over all runs."""
+    timed = range(1, len(logs[0]["steps"])) if len(logs[0]["steps"]) > 1 else range(1)
+    out: dict[str, float] = {}
+    for clock in ("wall", "cpu"):
+        suffix = "" if clock == "wall" else "_cpu"
+        ro = [min((log["rollouts"][i] for log in logs), key=lambda r: r[clock]) for i in timed]
+        st = [min(log["steps"][i][clock] for log in logs) for i in timed]
+        seconds = sum(r[clock] for r in ro)
+        out["rollouts_s" + suffix] = sum(r["n"] for r in ro) / seconds
+        out["tokens_s" + suffix] = sum(r["tokens"] + r["forced"] for r in ro) / seconds
+        out["steps_s" + suffix] = len(st) / sum(st)
+    everything = [r for log in logs for r in log["rollouts"]]
+    n = sum(r["n"] for r in everything)
+    out.update(length=sum(r["tokens"] + r["forced"] for r in everything) / n,
+               stopped=sum(r["stopped"] for r in everything) / n, forced=sum(r["forced"] for r in everything),
+               reward=sum(r["reward"] for r in everything) / n)
+    return out
 
 
 def same_prompts(env: dict[str, Any], logs: list[dict[str, list]], group: int) -> bool:
@@ -268,7 +274,7 @@ def main() -> int:
     ap.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward "
                     "(train.device_batch_size, per_device_train_batch_size)")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is dropped)")
-    ap.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating")
+    ap.add_argument("--repeats", type=int, default=4, help="runs of each side, alternating")
     ap.add_argument("--problems", type=int, default=200, help="arithmetic problems the prompts are drawn from")
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--ctx", type=int, default=256)
@@ -298,18 +304,19 @@ def main() -> int:
     print(f"\nRL, model d_model {c.d_model}, {c.n_layers} layers, vocab {c.vocab_size} (random weights), fp32 CPU, "
           f"{torch.get_num_threads()} threads; {args.prompts} prompts × {args.group} completions of up to "
           f"{args.new_tokens} tokens per step, micro-batches of {args.micro_batch}; {args.steps} steps per run "
-          f"(first dropped), best of {args.repeats} alternating runs; torch {torch.__version__}, "
+          f"(first dropped), fastest of {args.repeats} alternating runs per step; torch {torch.__version__}, "
           f"transformers {transformers.__version__}, trl {trl.__version__}\n")
-    print("| measure | nanoforge train rl | TRL GRPOTrainer | ratio | ratio of CPU time |")
-    print("|---|---:|---:|---:|---:|")
-    for label, key in (("rollouts/s (completions generated per second)", "rollouts_s"),
-                       ("optimizer steps/s", "steps_s")):
-        print(f"| {label} | {a[key]:.2f} | {b[key]:.2f} | {a[key] / b[key]:.2f}× | "
-              f"{a[key + '_cpu'] / b[key + '_cpu']:.2f}× |")
-    print(f"| mean completion length (tokens) | {a['length']:.1f} | {b['length']:.1f} | | |")
+    print("| measure | nanoforge train rl | TRL GRPOTrainer | ratio | per CPU second: nanoforge | TRL | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, key, fmt in (("rollouts/s (completions generated per second)", "rollouts_s", ".2f"),
+                            ("generated tokens/s", "tokens_s", ",.0f"), ("optimizer steps/s", "steps_s", ".3f")):
+        cpu = key + "_cpu"
+        print(f"| {label} | {a[key]:{fmt}} | {b[key]:{fmt}} | {a[key] / b[key]:.2f}× | {a[cpu]:{fmt}} | "
+              f"{b[cpu]:{fmt}} | {a[cpu] / b[cpu]:.2f}× |")
+    print(f"| mean completion length (tokens) | {a['length']:.1f} | {b['length']:.1f} | | | | |")
     print(f"| completions that stopped at <\\|assistant_end\\|> or BOS | {100 * a['stopped']:.1f}% | "
-          f"{100 * b['stopped']:.1f}% | | |")
-    print(f"| mean reward | {a['reward']:.3f} | {b['reward']:.3f} | | |")
+          f"{100 * b['stopped']:.1f}% | | | | |")
+    print(f"| mean reward | {a['reward']:.3f} | {b['reward']:.3f} | | | | |")
     print(f"\nsame prompt ids on both sides, every step: {'yes' if same else 'NO'}; tool-output tokens forced "
           f"in our rollouts: {int(a['forced'])}")
     return 0 if same else 1
