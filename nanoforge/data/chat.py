@@ -463,7 +463,7 @@ def conversation_at(path: str | os.PathLike, line: int, *, shape: str = "auto",
 DEFAULT_CHAT_VERSION = 2
 DEFAULT_META = "chat-data.json"
 VAL_PERCENT = 5
-ARITHMETIC_TRAIN = 5000
+ARITHMETIC_TRAIN = 8000
 
 
 def default_chat_data(*, force: bool = False) -> Path:
@@ -504,13 +504,13 @@ def default_chat_data(*, force: bool = False) -> Path:
 
 
 DEFAULT_MIXTURE = """\
-# The default SFT mixture: the arithmetic word problems once, a third of the standard-library questions
+# The default SFT mixture: the arithmetic word problems once, a fifth of the standard-library questions
 # (one pass over all of them would double the demo's SFT for little gain) and the identity conversations
 # 4 times.
 seed = 0
 [[source]]
 path = "train/stdlib_qa.jsonl"
-epochs = 0.3
+epochs = 0.2
 [[source]]
 path = "train/arithmetic.jsonl"
 [[source]]
