@@ -19,13 +19,14 @@ import argparse
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import small_model  # noqa: E402
+from bench.small_model import now  # noqa: E402
 from nanoforge.infer.engine import Engine, SamplingParams, load_checkpoint  # noqa: E402
 from nanoforge.infer.session import Session  # noqa: E402
 
@@ -37,36 +38,9 @@ WORDS = ("der die das Haus Baum Katze Hund rot blau grün groß klein ist hat si
 def make_checkpoint(root: Path, ctx: int) -> Path:
     """cpu-demo widths with a `ctx`-token context, random weights (every tensor non-trivial), and a small
     tokenizer trained on generated German words."""
-    from nanoforge.checkpoint import save_checkpoint
-    from nanoforge.config import preset_model
-    from nanoforge.model import LLaMA
-    from nanoforge.tokenizer import Tokenizer
-    from nanoforge.tokenizer.train import train_tokenizer
-
     rng = random.Random(0)
-    (root / "text").mkdir(parents=True)
-    (root / "text" / "docs.txt").write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30)))
-                                                      for _ in range(3000)), encoding="utf-8")
-    tok_path = train_tokenizer(root / "text", vocab_size=1024, backend="rustbpe", out=root / "tok", force=True)
-    tok = Tokenizer.load(tok_path)
-    cfg = preset_model("cpu-demo")
-    cfg.max_seq_len = ctx
-    torch.manual_seed(0)
-    model = LLaMA(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 1.0 if "tok_embeddings" in name else 0.5 / p.shape[1] ** 0.5)
-    meta = {"phase": "sft", "tag": "bench", "model_config": cfg.to_dict(), "config": None,
-            "tokenizer": {"path": str(tok_path), "name": tok.name, "fingerprint": tok.fingerprint}}
-    save_checkpoint(root / "ckpt", 1, model, None, meta)
-    return root / "ckpt"
-
-
-def now() -> tuple[float, float]:
-    """(wall clock, this process's CPU time): on a machine shared with other jobs the CPU time of a
-    one-thread run is the steadier measure of the work done."""
-    return time.perf_counter(), time.process_time()
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) for _ in range(3000)]
+    return small_model.make_checkpoint(root, docs, ctx=ctx)
 
 
 class Clock:

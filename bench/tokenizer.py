@@ -4,13 +4,18 @@ tokenizers called directly, and encode throughput of `Tokenizer` against tiktoke
     .venv/bin/python bench/tokenizer.py                          # 2 MB slice + all of ../shared/corpus/de, 8,192
     .venv/bin/python bench/tokenizer.py --vocab 8192 32768 --with-en
 
-Every trainer runs in its own subprocess (3 times, the fastest counts), so its peak RSS is its own: we report the process's peak plus the
-peak of its largest child (the python backend's pre-tokenization workers), from getrusage. Prints markdown.
+Every trainer runs in its own subprocess, so its peak RSS is its own: we report the process's peak plus the
+peak of its largest child (the python backend's pre-tokenization workers), from getrusage. The trainers of a
+setting take turns (rustbpe, ours, rustbpe, ours, ...) `--repeat` times and the fastest run of each counts, so
+a neighbour's load on a shared machine hits them alike. Wall and CPU seconds are reported. The trainers that
+produce tiktoken ranks (rustbpe, our rustbpe and python backends) are checked to give identical merges.
+Prints markdown.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import subprocess
@@ -38,7 +43,7 @@ def _docs(data: list[str], max_chars: int | None):
 
 
 def worker(kind: str, data: list[str], vocab: int, max_chars: int | None) -> dict:
-    """Train once in this process; return seconds and peak RSS (MB)."""
+    """Train once in this process; return wall and CPU seconds, peak RSS (MB) and a digest of the merges."""
     from nanoforge.tokenizer import NANOCHAT_PATTERN, SPECIAL_TOKENS
 
     t0, c0 = time.perf_counter(), _cpu_seconds()
@@ -51,6 +56,7 @@ def worker(kind: str, data: list[str], vocab: int, max_chars: int | None) -> dic
         ranks = {bytes(b): i for b, i in r.get_mergeable_ranks()}
         tiktoken.Encoding("x", pat_str=NANOCHAT_PATTERN, mergeable_ranks=ranks,
                           special_tokens={s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)})
+        seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     elif kind == "hf tokenizers (direct)":
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -60,15 +66,30 @@ def worker(kind: str, data: list[str], vocab: int, max_chars: int | None) -> dic
         hf.train_from_iterator(_docs(data, max_chars), trainers.BpeTrainer(
             vocab_size=vocab, special_tokens=SPECIAL_TOKENS, show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+        ranks = None
     else:
+        from nanoforge.tokenizer import Tokenizer
         from nanoforge.tokenizer.train import train_tokenizer
 
         with tempfile.TemporaryDirectory() as tmp:
-            train_tokenizer(data, vocab_size=vocab, backend=kind.split()[1], out=Path(tmp) / "tok",
-                            max_chars=max_chars)
-    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+            path = train_tokenizer(data, vocab_size=vocab, backend=kind.split()[1], out=Path(tmp) / "tok",
+                                   max_chars=max_chars)
+            seconds = time.perf_counter() - t0
+            _stop_fork_server()
+            cpu = _cpu_seconds() - c0
+            ranks = Tokenizer.load(path).ranks if kind != "nanoforge neox" else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": rss / 1024}
+    merges = None if ranks is None else hashlib.sha256(repr(sorted(ranks.items(), key=lambda kv: kv[1])).encode()).hexdigest()
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": rss / 1024, "merges": merges}
+
+
+def _stop_fork_server() -> None:
+    """The python backend's pre-tokenization workers are children of multiprocessing's fork server, so their
+    CPU time reaches this process's RUSAGE_CHILDREN only once the server (which reaps them) has exited."""
+    from multiprocessing import forkserver
+
+    forkserver._forkserver._stop()  # private, but the only way; a later use would start a new server
 
 
 def _cpu_seconds() -> float:
@@ -78,16 +99,33 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run_worker(kind: str, data: list[str], vocab: int, max_chars: int | None, repeat: int = REPEAT) -> dict:
-    """Fastest of `repeat` fresh-process runs (a run is ~1 s, so one noisy neighbour can add 10%); the
-    largest peak RSS of them."""
+def run_worker(kind: str, data: list[str], vocab: int, max_chars: int | None) -> dict:
+    """One training run in a fresh process."""
     cmd = [sys.executable, __file__, "--worker", kind, "--data", *data, "--vocab", str(vocab)]
     if max_chars:
         cmd += ["--max-chars", str(max_chars)]
-    runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-            for _ in range(repeat)]
-    return {"seconds": min(r["seconds"] for r in runs), "cpu_seconds": min(r["cpu_seconds"] for r in runs),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+
+
+def run_turns(kinds: list[str], data: list[str], vocab: int, max_chars: int | None, repeat: int = REPEAT
+              ) -> dict[str, dict]:
+    """Each trainer `repeat` times, taking turns; per trainer the fastest wall and CPU time (a run is a few
+    seconds, so one noisy neighbour can add 10% or more) and the largest peak RSS."""
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    for _ in range(repeat):
+        for kind in kinds:
+            runs[kind].append(run_worker(kind, data, vocab, max_chars))
+    return {k: {"seconds": min(r["seconds"] for r in rs), "cpu_seconds": min(r["cpu_seconds"] for r in rs),
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "merges": rs[0]["merges"]}
+            for k, rs in runs.items()}
+
+
+def _same_merges(results: dict[str, dict]) -> str:
+    digests = {k: r["merges"] for k, r in results.items() if r["merges"]}
+    if len(digests) < 2:
+        return ""
+    same = len(set(digests.values())) == 1
+    return f"merges of {', '.join(digests)}: {'identical' if same else 'DIFFERENT'}"
 
 
 def encode_bench(data: list[str], vocab: int) -> list[tuple[str, float, float]]:
@@ -141,27 +179,28 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.data, args.vocab[0], args.max_chars)))
         return
 
-    print(f"## Training (wall time: fastest of {args.repeat} runs; peak RSS; ratio = / rustbpe direct in the same setting)\n")
+    print(f"## Training (fastest of {args.repeat} runs, the trainers taking turns; peak RSS; ratio = / rustbpe direct in the same setting)\n")
     print("| data | vocab | trainer | seconds | × rustbpe | CPU seconds | × rustbpe | peak RSS MB | × rustbpe |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     settings = [("de, first 2 MB", args.data, 2_000_000), ("de, all", args.data, None)][args.no_slice:]
+    if args.with_en:
+        settings.append(("de + en", [str(CORPUS / "de"), str(CORPUS / "en")], None))
+    checks = []
     for vocab in args.vocab:
         for label, data, max_chars in settings:
-            base = None
-            for kind in args.trainers:
-                r = run_worker(kind, data, vocab, max_chars, args.repeat)
-                base = base or r
+            if label == "de + en" and vocab != args.vocab[0]:
+                continue
+            kinds = args.trainers if label != "de + en" else ["rustbpe (direct)", "nanoforge python"]
+            results = run_turns(kinds, data, vocab, max_chars, args.repeat)
+            base = results[kinds[0]]
+            for kind, r in results.items():
                 print(f"| {label} | {vocab:,} | {kind} | {r['seconds']:.2f} | {r['seconds'] / base['seconds']:.2f} "
                       f"| {r['cpu_seconds']:.2f} | {r['cpu_seconds'] / base['cpu_seconds']:.2f} "
                       f"| {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} |", flush=True)
-    if args.with_en:
-        data = [str(CORPUS / "de"), str(CORPUS / "en")]
-        base = run_worker("rustbpe (direct)", data, args.vocab[0], None, args.repeat)
-        r = run_worker("nanoforge python", data, args.vocab[0], None, args.repeat)
-        for kind, x in (("rustbpe (direct)", base), ("nanoforge python", r)):
-            print(f"| de + en | {args.vocab[0]:,} | {kind} | {x['seconds']:.2f} | {x['seconds'] / base['seconds']:.2f} "
-                  f"| {x['cpu_seconds']:.2f} | {x['cpu_seconds'] / base['cpu_seconds']:.2f} "
-                  f"| {x['peak_rss_mb']:.0f} | {x['peak_rss_mb'] / base['peak_rss_mb']:.2f} |", flush=True)
+            if same := _same_merges(results):
+                checks.append(f"- {label}, vocab {vocab:,}: {same}")
+    if checks:
+        print("\n" + "\n".join(checks))
 
     if args.no_encode:
         return

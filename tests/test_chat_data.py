@@ -19,6 +19,8 @@ from _chat_helpers import chat_tokenizer
 from test_data_download import REPO, hub  # noqa: F401  (the loopback Hub fixture)
 
 from nanoforge.data.chat import (
+    ARITHMETIC_TRAIN,
+    DEFAULT_CHAT_VERSION,
     default_chat_data,
     gsm8k_answer,
     gsm8k_messages,
@@ -224,7 +226,7 @@ def test_default_chat_data_is_built_offline_with_held_out_splits(default_data: P
     assert not any(c.messages[0]["content"] in questions for c in val)
     assert len(train) > 3000 and len(val) > 250
     arithmetic = [c for c in train + val if "arithmetic" in c.source]
-    assert len(arithmetic) == 2200
+    assert len(arithmetic) == ARITHMETIC_TRAIN + 200
     for c in arithmetic:
         parts = c.messages[1]["content"]
         calls = [(p["text"], q["text"]) for p, q in zip(parts, parts[1:]) if p["type"] == "python"]
@@ -234,7 +236,9 @@ def test_default_chat_data_is_built_offline_with_held_out_splits(default_data: P
         ids, mask = tok.render_conversation(c)
         assert 0 < sum(mask) < len(ids)
     mixture = load_conversations(default_data / "train.toml")
-    assert len(mixture) == len(train) + 3 * sum("identity" in c.source for c in train)
+    count = {k: sum(k in c.source for c in train) for k in ("stdlib_qa", "arithmetic", "identity")}
+    # the default mixture: the arithmetic problems once, a fifth of the stdlib questions, identity 4 times
+    assert len(mixture) == count["arithmetic"] + round(0.2 * count["stdlib_qa"]) + 4 * count["identity"]
 
 
 def test_default_chat_data_is_cached_and_rebuilt_on_a_version_change(default_data: Path,
@@ -245,7 +249,7 @@ def test_default_chat_data_is_cached_and_rebuilt_on_a_version_change(default_dat
     assert default_chat_data() == default_data
     assert (default_data / "train" / "arithmetic.jsonl").stat().st_mtime_ns == stamp
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": 0}))
-    assert default_chat_data() == default_data and json.loads(meta.read_text())["version"] == 1
+    assert default_chat_data() == default_data and json.loads(meta.read_text())["version"] == DEFAULT_CHAT_VERSION
     assert not list(default_data.parent.glob(".*tmp"))
 
 

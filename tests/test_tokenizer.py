@@ -115,24 +115,52 @@ def test_python_backend_makes_exactly_rustbpes_merges_on_real_text(corpus_de: Pa
 
 @pytest.mark.parametrize("docs", [["ab cd ef gh"], ["aaaa aaa aa", "abab baba"], ["zz yy xx ww " * 3, "ba ab"],
                                   ["\u00e4\u00f6 \u00f6\u00e4 " * 2 + "12 21 123"]])
-def test_python_backend_breaks_ties_like_rustbpe(docs: list[str]) -> None:
+@pytest.mark.parametrize("vector_min", [0, 2, float("inf")])
+def test_python_backend_breaks_ties_like_rustbpe(docs: list[str], vector_min: float) -> None:
+    """Both ways of applying a merge (numpy on the flat state, str on the words) and the switch between them."""
     from nanoforge.tokenizer.bpe import count_chunks, merges_to_ranks, train_bpe
 
     for vocab in (258, 262, 270):
-        ranks = merges_to_ranks(train_bpe(count_chunks(docs, NANOCHAT_PATTERN, processes=1), vocab - 256))
-        assert ranks == _rustbpe_ranks(docs, vocab), vocab
+        merges = train_bpe(count_chunks(docs, NANOCHAT_PATTERN, processes=1), vocab - 256, vector_min=vector_min)
+        assert merges_to_ranks(merges) == _rustbpe_ranks(docs, vocab), vocab
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(docs=st.lists(st.text(alphabet="aab \u00e4\u00df\U0001f600\n1", max_size=40), min_size=1, max_size=6),
-       merges=st.integers(1, 40))
-def test_python_backend_matches_rustbpe_on_random_text(docs: list[str], merges: int) -> None:
-    """Runs of one character (a == b merges), adjacent repeats, multi-byte characters, digits, newlines."""
+       merges=st.integers(1, 40), vector_min=st.sampled_from([0, 3, float("inf")]))
+def test_python_backend_matches_rustbpe_on_random_text(docs: list[str], merges: int, vector_min: float) -> None:
+    """Runs of one character (a == b merges), adjacent repeats, multi-byte characters, digits, newlines; numpy
+    throughout, strings throughout, or a switch between them."""
     from nanoforge.tokenizer.bpe import count_chunks, merges_to_ranks, train_bpe
 
-    ranks = merges_to_ranks(train_bpe(count_chunks(docs, NANOCHAT_PATTERN, processes=1), merges))
+    counts = count_chunks(docs, NANOCHAT_PATTERN, processes=1)
+    ranks = merges_to_ranks(train_bpe(counts, merges, vector_min=vector_min))
     expected = _rustbpe_ranks(docs, 256 + merges)
     assert ranks == expected
+
+
+def test_count_chunks_in_worker_processes_counts_every_regex_chunk(slice_docs: list[str]) -> None:
+    """Two workers started from a fork server (this process has rayon's threads by now), small batches so both
+    get some; the total is the regex module's own count over every document."""
+    import threading
+    from collections import Counter
+
+    import regex
+
+    from nanoforge.tokenizer.bpe import count_chunks
+
+    docs = slice_docs[:60]
+    stop = threading.Event()
+    busy = threading.Thread(target=stop.wait)  # a live thread in the parent, as after the earlier stages
+    busy.start()
+    try:
+        counts = count_chunks(iter(docs), NANOCHAT_PATTERN, processes=2, batch_chars=20_000)
+    finally:
+        stop.set()
+        busy.join()
+    pat = regex.compile(NANOCHAT_PATTERN)
+    assert counts == Counter(c for d in docs for c in pat.findall(d))
+    assert count_chunks([], NANOCHAT_PATTERN) == Counter()
 
 
 def test_python_and_rustbpe_backends_save_identical_tokenizers(toks: dict[str, Tokenizer]) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import sys
 import time
 from collections.abc import Sequence
 from fractions import Fraction
@@ -281,9 +280,11 @@ def _tokenize_into(out: Path, name: str, tok: Any, tokenizer: Any, config: dict,
     if workers is None:
         workers = os.cpu_count() or 1
     workers = max(1, min(workers, len(units) - start)) if len(units) > start else 1
-    # forked workers inherit the loaded tokenizer (no reload per worker); spawned ones load it by path
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    portable = tokenizer if isinstance(tokenizer, (str, os.PathLike)) and method != "fork" else tok
+    # Workers start from a fork server (spawn where there is none), never forked from this process: after
+    # the earlier stages it has threads (BLAS, rayon) whose locks a forked child can inherit held, and then
+    # hangs. They load the tokenizer by path when there is one, else get it pickled.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    portable = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else tok
     init = (portable, column, split_blank_lines, dtype.name)
     t0, n_tokens = time.perf_counter(), 0
     bar = progress.bar(total=sum(sizes[start:]), desc=f"tokenize {name}", unit="B", unit_scale=True)

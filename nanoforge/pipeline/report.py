@@ -126,11 +126,12 @@ def chat_report(r: dict[str, Any], plots_dir: Path) -> dict[str, Any]:
         sft_metrics = read_metrics(sft.get("metrics", ""))
         out["plots"].update(plot_curves(sft_metrics, plots_dir, CHAT_CURVES["sft"]))
         summary["sft_steps"], summary["sft_loss"] = sft.get("step"), sft.get("loss")
-        summary["sft_val_loss"] = sft.get("val_loss")
+        summary["sft_val_loss"], summary["base_chat_val_loss"] = sft.get("val_loss"), sft.get("base_val_loss")
         summary["sft_checkpoint"] = sft.get("checkpoint_dir")
         out["headline"].append(["SFT: final training loss", _num(sft.get("loss"))])
         if _finite(sft.get("val_loss")):
-            out["headline"].append(["SFT: held-out conversation loss", _num(sft.get("val_loss"))])
+            before = f"{_num(sft['base_val_loss'])} → " if _finite(sft.get("base_val_loss")) else ""
+            out["headline"].append(["held-out conversation loss, base → SFT", before + _num(sft.get("val_loss"))])
     if rl:
         rl_metrics = read_metrics(rl.get("metrics", ""))
         k = rl.get("k", 1)

@@ -1,103 +1,41 @@
-"""Our own byte-level BPE trainer in Python (numpy for the initial pair counts): the readable reference and the
-oracle for the fast backends.
+"""Our own byte-level BPE trainer in Python (numpy for the counts and the merges that touch many places): the
+readable reference and the oracle for the fast backends.
 
-    counts = count_chunks(texts, pattern)            # regex pre-tokenization over 2 processes
+    counts = count_chunks(texts, pattern)            # regex pre-tokenization over 2 processes (pretokenize.py)
     merges = train_bpe(counts, num_merges)           # [(left_id, right_id), ...]; merge i makes id 256 + i
 
 It produces exactly the merges rustbpe produces on the same input. rustbpe's rule (src/lib.rs,
 `impl Ord for MergeJob`): take the pair with the highest count; among equal counts the *smallest* pair
 (left id, then right id), because its max-heap orders ties by `other.pair.cmp(&self.pair)`. Counts are
 kept exact incrementally, and a pair's occurrences are all created by one merge (every new pair contains
-the new id), so a lazy heap whose stale entries are re-pushed with the current count pops exactly that
-pair. We encode a heap entry as one int, `-count << 40 | left << 20 | right`, so Python's heapq compares
-ints instead of tuples: smaller key = higher count, then smaller pair.
+the new id), so a lazy queue whose stale entries are re-queued with the current count pops exactly that
+pair (`_Queue`: one bucket per count, a heap only for the bucket being taken from).
 """
 
 from __future__ import annotations
 
 import heapq
-import os
-import signal
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
-from multiprocessing import get_context
+from collections import defaultdict
 from typing import Any
 
 import numpy as np
-import regex
+
+from nanoforge.pretokenize import count_chunks
+
+__all__ = ["count_chunks", "merges_to_ranks", "train_bpe"]
 
 _SHIFT = 20            # ids < 2**20 (a 1M vocabulary); a pair is left << 20 | right
 _MASK = (1 << _SHIFT) - 1
-_CSHIFT = 2 * _SHIFT   # heap key = -count << 40 | pair
 
-def _count_texts(pat: regex.Pattern, texts: list[str], into: Counter[str]) -> None:
-    for t in texts:
-        into.update(pat.findall(t))
+_SEP, _DEL = -1, -2    # flat state: the slot between two words, a slot whose token was merged into its left
 
 
-def _worker(pattern: str, inbox: Any, outbox: Any) -> None:
-    """Count the chunks of every batch from `inbox` until None; send the total once (few big merges)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which terminates us
-    pat = regex.compile(pattern)
-    counts: Counter[str] = Counter()
-    for texts in iter(inbox.get, None):
-        _count_texts(pat, texts, counts)
-    outbox.put(dict(counts))
-
-
-def _batches(texts: Iterable[str], batch_chars: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    n = 0
-    for t in texts:
-        batch.append(t)
-        n += len(t)
-        if n >= batch_chars:
-            yield batch
-            batch, n = [], 0
-    if batch:
-        yield batch
-
-
-def count_chunks(texts: Iterable[str], pattern: str, *, processes: int = 2,
-                 batch_chars: int = 1 << 19) -> Counter[str]:
-    """Count every regex chunk of every text; the splitting runs in `processes` worker processes while
-    this one reads the documents."""
-    total: Counter[str] = Counter()
-    if processes <= 1:
-        pat = regex.compile(pattern)
-        for b in _batches(texts, batch_chars):
-            _count_texts(pat, b, total)
-        return total
-    ctx = get_context("fork" if hasattr(os, "fork") else "spawn")
-    inbox, outbox = ctx.Queue(maxsize=4 * processes), ctx.Queue()
-    workers = [ctx.Process(target=_worker, args=(pattern, inbox, outbox), daemon=True) for _ in range(processes)]
-    for w in workers:
-        w.start()
-    try:
-        for b in _batches(texts, batch_chars):
-            inbox.put(b)
-        for _ in workers:
-            inbox.put(None)
-        results = sorted((outbox.get() for _ in workers), key=len, reverse=True)
-        total = Counter(results[0])
-        for r in results[1:]:
-            total.update(r)
-        for w in workers:
-            w.join()
-    finally:
-        if any(w.is_alive() for w in workers):  # interrupted: stop the workers, drop what is still queued
-            inbox.cancel_join_thread()
-            for w in workers:
-                w.terminate()
-                w.join()
-    return total
-
-
-def _initial_state(chunk_counts: dict[str, int]
-                   ) -> tuple[list[str], list[int], defaultdict[str, int], dict[str, list[int]]]:
-    """Words (one character per token id: a chunk's UTF-8 bytes read as latin-1), their counts, the count
-    of every adjacent pair and, per pair, the words holding it (ascending, each once). Counted with numpy:
-    one stable sort of all ~1M adjacent pairs, instead of a Python loop over them."""
+def _flat_state(chunk_counts: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                       dict[str, int], dict[str, np.ndarray]]:
+    """Every chunk of two or more UTF-8 bytes laid out in one array, `SEP w0 SEP w1 ... SEP`, one slot per byte:
+    token ids `tok`, a doubly linked list over the live slots (`nxt`, `prv`), the word of every slot and the count
+    of every word; then the count of every adjacent pair and, per pair, the slots of its left tokens (ascending).
+    Pairs are keyed by the 2-character string of their ids. Counted with numpy: one stable sort of all pairs."""
     chunks: list[bytes] = []
     counts: list[int] = []
     for chunk, c in chunk_counts.items():
@@ -105,67 +43,217 @@ def _initial_state(chunk_counts: dict[str, int]
         if len(b) >= 2:
             chunks.append(b)
             counts.append(c)
-    words = [b.decode("latin-1") for b in chunks]
-    if not chunks:
-        return words, counts, defaultdict(int), {}
-    lens = np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks))
-    ids = np.frombuffer(b"".join(chunks), dtype=np.uint8).astype(np.int64)
-    inside = np.ones(len(ids) - 1, dtype=bool)  # drop the pairs that straddle two words
-    inside[np.cumsum(lens)[:-1] - 1] = False
-    pairs = ((ids[:-1] << _SHIFT) | ids[1:])[inside]
-    word = np.repeat(np.arange(len(chunks), dtype=np.int64), lens)[:-1][inside]
-    order = np.argsort(pairs, kind="stable")  # by pair, then by word: positions are in word order
-    pairs, word = pairs[order], word[order]
-    first = np.empty(len(pairs), dtype=bool)  # first position of each distinct pair
-    first[0] = True
-    np.not_equal(pairs[1:], pairs[:-1], out=first[1:])
-    starts = np.flatnonzero(first)
-    totals = np.add.reduceat(np.asarray(counts, dtype=np.int64)[word], starts)
-    once = first.copy()  # first position of each distinct (pair, word)
-    once[1:] |= word[1:] != word[:-1]
-    holders = np.split(word[once], np.flatnonzero(first[once])[1:])
+    n = len(chunks)
+    lens = np.fromiter(map(len, chunks), dtype=np.int64, count=n)
+    word_counts = np.asarray(counts, dtype=np.int64)
+    size = int(lens.sum()) + n + 1
+    tok = np.full(size, _SEP, dtype=np.int32)
+    word = np.zeros(size, dtype=np.int32)
+    nxt = np.arange(1, size + 1, dtype=np.int32)
+    prv = np.arange(-1, size - 1, dtype=np.int32)
+    if not n:
+        return tok, nxt, prv, word, word_counts, {}, {}
+    inside = np.ones(size, dtype=bool)
+    inside[0] = False
+    inside[np.cumsum(lens + 1)] = False
+    tok[inside] = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+    word[inside] = np.repeat(np.arange(n, dtype=np.int32), lens)
+    slots = np.flatnonzero(inside[:-1] & inside[1:])
+    pairs = (tok[slots].astype(np.int64) << _SHIFT) | tok[slots + 1]
+    order = np.argsort(pairs, kind="stable")  # by pair, then by slot
+    pairs, slots = pairs[order], slots[order].astype(np.int32)
+    starts = _group_starts(pairs)
+    totals = np.add.reduceat(word_counts[word[slots]], starts)
     keys = [chr(p >> _SHIFT) + chr(p & _MASK) for p in pairs[starts].tolist()]
-    return words, counts, defaultdict(int, zip(keys, totals.tolist())), dict(zip(keys, (h.tolist() for h in holders)))
+    return tok, nxt, prv, word, word_counts, dict(zip(keys, totals.tolist())), dict(zip(keys, _split(slots, starts)))
 
 
-def _heap_key(pair: str, count: int) -> int:
-    return (-count << _CSHIFT) | (ord(pair[0]) << _SHIFT) | ord(pair[1])
+def _group_starts(keys: np.ndarray) -> np.ndarray:
+    """Where each run of equal values in sorted `keys` starts."""
+    first = np.empty(len(keys), dtype=bool)
+    first[:1] = True
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    return first.nonzero()[0]
 
 
-def train_bpe(chunk_counts: dict[str, int], num_merges: int) -> list[tuple[int, int]]:
+def _split(values: np.ndarray, starts: np.ndarray) -> list[np.ndarray]:
+    cuts = starts.tolist()
+    cuts.append(len(values))
+    return [values[s:e] for s, e in zip(cuts, cuts[1:])]  # views; np.split is ~10x slower per piece
+
+
+def _by_neighbour(neighbour: np.ndarray, count: np.ndarray, slot: np.ndarray
+                  ) -> tuple[list[int], list[int], list[np.ndarray]]:
+    """Distinct neighbours (ascending), the summed count of each and their slots (ascending)."""
+    if not len(neighbour):
+        return [], [], []
+    order = neighbour.argsort(kind="stable")  # the method: np.argsort's wrapper costs more than tiny sorts
+    neighbour, count, slot = neighbour[order], count[order], slot[order]
+    starts = _group_starts(neighbour)
+    return neighbour[starts].tolist(), np.add.reduceat(count, starts).tolist(), _split(slot, starts)
+
+
+def _merge_slots(tok: np.ndarray, nxt: np.ndarray, prv: np.ndarray, word: np.ndarray, word_counts: np.ndarray,
+                 slots: np.ndarray, a: int, b: int, new: int
+                 ) -> tuple[tuple[list[int], list[int], list[np.ndarray]], tuple[list[int], list[int], list[np.ndarray]]]:
+    """Merge every (a, b) whose left token sits in one of `slots` (ascending; stale ones are skipped) into `new`,
+    in place. Returns the left neighbours x (with their counts and the slots of x) and the right neighbours y
+    (with the slots of the new tokens), as `_by_neighbour` gives them."""
+    right = nxt[slots]
+    live = (tok[slots] == a) & (tok[right] == b)
+    slots, right = slots[live], right[live]
+    if a == b and len(slots) > 1:  # a run of a: BPE merges the leftmost pair, then the next non-overlapping one
+        i = np.arange(len(slots))
+        run = np.ones(len(slots), dtype=bool)
+        run[1:] = slots[1:] != right[:-1]
+        first = np.maximum.accumulate(np.where(run, i, 0))
+        keep = (i - first) % 2 == 0
+        slots, right = slots[keep], right[keep]
+    xs, ys = prv[slots], nxt[right]
+    x, y = tok[xs], tok[ys]
+    # two occurrences side by side: the second's left neighbour is the first's new token (and the first's right
+    # neighbour stays a, as the string path counts it: (b, a) -> (new, a) and (a, new) -> (new, new) cancel out)
+    after = (xs[1:] == right[:-1]).nonzero()[0] + 1
+    x[after] = new
+    xs[after] = slots[after - 1]
+    count = word_counts[word[slots]]
+    tok[slots] = new
+    tok[right] = _DEL
+    nxt[slots] = ys
+    prv[ys] = slots
+    hx, hy = x >= 0, y >= 0  # not the word's edge
+    return _by_neighbour(x[hx], count[hx], xs[hx]), _by_neighbour(y[hy], count[hy], slots[hy])
+
+
+def _words(tok: np.ndarray, sep: int) -> list[str]:
+    """The live tokens of each word as a str (one character per token id); `sep` must not be a token id."""
+    t = tok[tok != _DEL].astype(np.uint32)
+    t[t == np.uint32(_SEP & 0xFFFFFFFF)] = sep
+    return t[1:-1].tobytes().decode("utf-32-le", "surrogatepass").split(chr(sep))
+
+
+class _Queue:
+    """The pairs by count, highest first, ties by the smallest pair (left id, then right id): rustbpe's order.
+    One bucket per count; only the bucket being taken from is a heap (of 2-character pair strings, which compare
+    like (left, right)), the others are plain lists until their turn. The highest count never rises (a merge
+    only lowers counts, and a new pair counts at most as often as the merged one), so every push goes into the
+    current bucket or a lower one."""
+
+    def __init__(self, pair_counts: dict[str, int]) -> None:
+        self.buckets: dict[int, list[str]] = {}
+        self.top = 0  # the count of the bucket being taken from
+        self.current: list[str] = []
+        for p, c in pair_counts.items():
+            if c > 0:
+                self.add(p, c)
+        self.levels = [-c for c in self.buckets]
+        heapq.heapify(self.levels)
+
+    def add(self, pair: str, count: int) -> None:
+        if count == self.top:
+            heapq.heappush(self.current, pair)
+        elif (bucket := self.buckets.get(count)) is not None:
+            bucket.append(pair)
+        else:
+            self.buckets[count] = [pair]
+            if self.top:
+                heapq.heappush(self.levels, -count)
+
+    def pop(self) -> tuple[str, int] | None:
+        """The first pair and the count it was queued with (stale if the pair's count has dropped since)."""
+        while not self.current:
+            if not self.levels:
+                return None
+            self.top = -heapq.heappop(self.levels)
+            self.current = self.buckets.pop(self.top)
+            heapq.heapify(self.current)
+        return heapq.heappop(self.current), self.top
+
+
+def train_bpe(chunk_counts: dict[str, int], num_merges: int, *, vector_min: float = 64) -> list[tuple[int, int]]:
     """The first `num_merges` merges (fewer when no pair is left) of byte-level BPE on these chunk counts.
 
-    A word is a str with one character per token (chr(id)), so finding a pair and rewriting a word are
-    `str.find` and `str.replace` in C (leftmost, non-overlapping: BPE's own order, also for runs of a == b);
-    a pair is the 2-character string of its ids. Per merge, the pair-count changes are summed per
-    neighbour token first and applied once per distinct neighbour, not once per occurrence."""
-    words, counts, pair_counts, where = _initial_state(chunk_counts)
-    heap = [_heap_key(p, c) for p, c in pair_counts.items() if c > 0]
-    heapq.heapify(heap)
+    A merge is applied in one of two ways that give the same counts. While merges touch many places (a moving
+    average of at least `vector_min` candidate slots per merge), numpy on the flat state of `_flat_state`: ~40
+    array operations over the pair's occurrences. After that, on the words as str with one character per token
+    (chr(id)), where finding a pair and rewriting a word are `str.find` and `str.replace` in C (leftmost,
+    non-overlapping: BPE's own order, also for runs of a == b): a few dictionary operations per occurrence.
+    A pair is the 2-character string of its ids. Per merge, the pair-count changes are summed per neighbour
+    token and applied once per distinct neighbour. `vector_min=0` keeps numpy throughout, `float("inf")` goes
+    to strings at once."""
+    tok, nxt, prv, word, word_counts, counts0, where = _flat_state(chunk_counts)
+    pair_counts: defaultdict[str, int] = defaultdict(int, counts0)
+    holders_of: dict[str, Any] = where  # slot arrays from the flat state, word-index lists from the string path
+    queue = _Queue(pair_counts)
+    add = queue.add
     merges: list[tuple[int, int]] = []
-    heappop, heappush = heapq.heappop, heapq.heappush
-    while len(merges) < num_merges and heap:
-        key = heappop(heap)
-        a, b = (key >> _SHIFT) & _MASK, key & _MASK
-        ab = chr(a) + chr(b)
-        current = pair_counts.get(ab, 0)
-        if -(key >> _CSHIFT) != current:  # stale entry: re-push with the current count
+    words: list[str] | None = None
+    counts: list[int] = []
+    average = -1.0
+    while len(merges) < num_merges:
+        entry = queue.pop()
+        if entry is None:
+            break
+        ab, queued = entry
+        current = pair_counts[ab]
+        if current != queued:  # stale entry: re-queue with the current count
             if current > 0:
-                heappush(heap, _heap_key(ab, current))
+                add(ab, current)
             continue
-        A, B, N = ab[0], ab[1], chr(256 + len(merges))
-        merges.append((a, b))
+        A, B = ab
+        new = 256 + len(merges)
+        N = chr(new)
+        merges.append((ord(A), ord(B)))
+        holders = holders_of.pop(ab)
+        pair_counts[ab] = 0  # every occurrence is merged (for a == b, runs leave no (a, a) behind)
+        # Every new pair holds the new token, so this merge makes all of its occurrences: its holders are
+        # complete, and its count is final until one of its halves is merged away. (x, a) -> (x, new) is new
+        # and final after the left neighbours; (new, y) also loses (new, a) from a left neighbour x == new.
+        if words is None:
+            average = len(holders) if average < 0 else 0.9 * average + 0.1 * len(holders)
+            if average < vector_min:
+                words, counts = _words(tok, 256 + num_merges), word_counts.tolist()
+        if words is None:
+            (lx, lc, ls), (ry, rc, rs) = _merge_slots(tok, nxt, prv, word, word_counts, holders, ord(A), ord(B), new)
+            for x, c, s in zip(lx, lc, ls):
+                X = chr(x)
+                pair_counts[X + A] -= c
+                pair_counts[X + N] = c
+                holders_of[X + N] = s
+                add(X + N, c)
+            for y, c, s in zip(ry, rc, rs):
+                Y = chr(y)
+                pair_counts[B + Y] -= c
+                c = pair_counts[N + Y] = pair_counts[N + Y] + c
+                if c > 0:
+                    holders_of[N + Y] = s
+                    add(N + Y, c)
+            continue
+        if type(holders) is not list:  # slots from the flat state -> their words (repeats are skipped below)
+            holders = word[holders].tolist()
         # (x, a) -> (x, new) and (b, y) -> (new, y): summed per neighbour x / y, with the words they occur in.
         left_count: defaultdict[str, int] = defaultdict(int)
         left_words: defaultdict[str, list[int]] = defaultdict(list)
         right_count: defaultdict[str, int] = defaultdict(int)
         right_words: defaultdict[str, list[int]] = defaultdict(list)
-        for wi in where.pop(ab):
+        for wi in holders:
             w = words[wi]
             i = w.find(ab)
             if i < 0:  # no longer holds the pair (an earlier merge took one of its halves), or listed twice
                 continue
             c = counts[wi]
+            j = i + 2
+            if w.find(ab, j) < 0:  # one occurrence (the common case)
+                if i:
+                    x = w[i - 1]
+                    left_count[x] += c
+                    left_words[x].append(wi)
+                if j < len(w):
+                    y = w[j]
+                    right_count[y] += c
+                    right_words[y].append(wi)
+                words[wi] = w[:i] + N + w[j:]
+                continue
             n = len(w)
             prev_end = -1
             while i >= 0:
@@ -181,24 +269,17 @@ def train_bpe(chunk_counts: dict[str, int], num_merges: int) -> list[tuple[int, 
                 prev_end = j
                 i = w.find(ab, j)
             words[wi] = w.replace(ab, N)
-        # The keys cannot collide: x + N == N + y would need y == N, and y comes from the word before the merge.
-        new_pairs: dict[str, list[int]] = {}
         for x, c in left_count.items():
             pair_counts[x + A] -= c
-            pair_counts[x + N] += c
-            new_pairs[x + N] = left_words[x]
+            pair_counts[x + N] = c
+            holders_of[x + N] = left_words[x]
+            add(x + N, c)
         for y, c in right_count.items():
             pair_counts[B + y] -= c
-            pair_counts[N + y] += c
-            new_pairs[N + y] = right_words[y]
-        pair_counts[ab] = 0  # every occurrence was merged (for a == b, runs leave no (a, a) behind)
-        # Every new pair holds the new token, so this merge made all of its occurrences: its word list is
-        # complete, and its count is final until one of its halves is merged away.
-        for p, holders in new_pairs.items():
-            c = pair_counts[p]
+            c = pair_counts[N + y] = pair_counts[N + y] + c
             if c > 0:
-                where[p] = holders
-                heappush(heap, _heap_key(p, c))
+                holders_of[N + y] = right_words[y]
+                add(N + y, c)
     return merges
 
 
