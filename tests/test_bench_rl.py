@@ -4,28 +4,20 @@ order and score completions with the same reward (a tiny run of both; nothing is
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
+from _bench_helpers import load_bench
 
 pytest.importorskip("trl", reason="TRL comes with the bench extra (pip install -e '.[bench]')")
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "rl.py"
-
-
-def load_bench():  # noqa: ANN201
-    spec = importlib.util.spec_from_file_location("bench_rl", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_both_sides_sample_the_same_prompts_and_score_alike(tmp_path: Path) -> None:
     from nanoforge.train.rl import answer_reward
 
-    rl = load_bench()
+    rl = load_bench("rl")
     args = argparse.Namespace(prompts=2, group=2, new_tokens=3, micro_batch=2, steps=2, problems=12, vocab=300,
                               ctx=128, threads=None)
     env = rl.setup(tmp_path, args)

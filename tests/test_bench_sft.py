@@ -5,28 +5,20 @@ run of both; nothing is timed)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
+from _bench_helpers import load_bench
 
 pytest.importorskip("trl", reason="TRL comes with the bench extra (pip install -e '.[bench]')")
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "sft.py"
-
-
-def load_bench():  # noqa: ANN201
-    spec = importlib.util.spec_from_file_location("bench_sft", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_both_sides_learn_the_same_tokens_without_trl_checkpointing(nanoforge_home: Path, tmp_path: Path) -> None:
     from nanoforge.export.hf import export_hf
 
-    sft = load_bench()
+    sft = load_bench("sft")
     steps, batch, seq_len = 2, 2, 64
     env = sft.setup(nanoforge_home, batch, seq_len, None, vocab_size=512)
     env["export"] = export_hf(env["base"], tmp_path / "hf")
