@@ -47,6 +47,7 @@ class TrainSection:
     lr: float = 3e-3               # AdamW lr (embeddings, head, norms under muon)
     min_lr_frac: float = 0.0       # the schedule ends at lr × min_lr_frac
     embedding_lr: float = 0.0      # 0: same as lr (the token embedding's AdamW lr)
+    norm_lr: float = 0.0           # 0: same as lr (the RMSNorm gains' AdamW lr)
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     weight_decay: float = 0.0
@@ -120,8 +121,12 @@ class RLSection:
     lr_scale: float = 0.1          # multiplies the --from checkpoint's learning rates (train.* set here win)
     kl_coef: float = 0.0           # > 0: k3 KL penalty to the starting model
     normalize_std: bool = False    # advantages divided by the group's standard deviation
+    positive_only: bool = False    # negative advantages → 0: only completions above their group's mean are trained
+    norm_lr: float = 0.0           # > 0: the RMSNorm gains' learning rate in RL (sets train.norm_lr; their
+                                   # scale is how sharp the policy is, which RL on a small model moves most)
     format_reward: float = 0.0     # reward for a wrong answer that still has the `#### n` form
     eval_prompts: int = 64         # held-out prompts for pass@1 / pass@k (every train.eval_every steps)
+    eval_every: int = 0            # > 0: sets train.eval_every (the start and the last step are always scored)
     eval_samples: int = 4          # k of pass@k (samples per held-out prompt)
 
 
@@ -264,7 +269,7 @@ RANGES: dict[tuple[str, str], str] = {
     ("model", "depth"): ">= 0", ("model", "rope_theta"): "> 0", ("model", "norm_eps"): "> 0",
     ("train", "max_steps"): ">= 0", ("train", "token_ratio"): "> 0", ("train", "total_batch_tokens"): "> 0",
     ("train", "device_batch_size"): "> 0", ("train", "seq_len"): "> 0", ("train", "lr"): "> 0",
-    ("train", "min_lr_frac"): "[0, 1]", ("train", "embedding_lr"): ">= 0", ("train", "muon_lr"): "> 0",
+    ("train", "min_lr_frac"): "[0, 1]", ("train", "embedding_lr"): ">= 0", ("train", "norm_lr"): ">= 0", ("train", "muon_lr"): "> 0",
     ("train", "muon_momentum"): "[0, 1)", ("train", "weight_decay"): ">= 0", ("train", "beta1"): "[0, 1)",
     ("train", "beta2"): "[0, 1)", ("train", "eps"): "> 0", ("train", "grad_clip"): ">= 0",
     ("train", "warmup_steps"): ">= 0", ("train", "cooldown_frac"): "[0, 1]", ("train", "eval_every"): ">= 0",
@@ -278,7 +283,7 @@ RANGES: dict[tuple[str, str], str] = {
     ("sft", "val_conversations"): ">= 0",
     ("rl", "max_steps"): "> 0", ("rl", "prompts_per_step"): "> 0", ("rl", "group_size"): "> 0",
     ("rl", "max_new_tokens"): "> 0", ("rl", "eval_prompts"): "> 0", ("rl", "eval_samples"): "> 0",
-    ("rl", "lr_scale"): "> 0", ("rl", "temperature"): ">= 0", ("rl", "kl_coef"): ">= 0",
+    ("rl", "lr_scale"): "> 0", ("rl", "temperature"): ">= 0", ("rl", "kl_coef"): ">= 0", ("rl", "norm_lr"): ">= 0", ("rl", "eval_every"): ">= 0",
     ("rl", "format_reward"): ">= 0", ("rl", "top_k"): ">= 0",
     ("speedrun", "chat_eval_limit"): ">= 0",
 }

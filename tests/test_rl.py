@@ -138,6 +138,25 @@ def test_equal_rewards_give_zero_gradient() -> None:
         assert torch.equal(grad, torch.zeros_like(grad))
 
 
+def test_positive_only_trains_on_the_group_winners_alone() -> None:
+    rewards = [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]
+    adv = group_advantages(torch.tensor(rewards), positive_only=True)
+    assert adv.tolist() == [[0.5, 0.0, 0.0, 0.5], [0.0, 0.75, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    normed = group_advantages(torch.tensor(rewards), normalize_std=True, positive_only=True)
+    full = group_advantages(torch.tensor(rewards), normalize_std=True)
+    assert torch.equal(normed, full.clamp(min=0)) and (full < 0).any()
+    # the failures' sampled tokens no longer move the gradient (same lengths, so the same token count)
+    V = 8
+    problems, rollouts = _rollouts(rewards, V, seed=6)
+    policy = SoftmaxPolicy(V)
+    before = _our_gradient(policy, problems, rollouts, adv, 4)
+    changed = [r if r.reward >= 1.0 else Rollout(r.problem, [(t + 1) % V if m else t for t, m in zip(r.ids, r.mask)],
+                                                  r.mask, r.reward, "", "stop") for r in rollouts]
+    assert [r.ids for r in changed] != [r.ids for r in rollouts]
+    torch.testing.assert_close(_our_gradient(policy, problems, changed, adv, 4), before, rtol=0, atol=0)
+    assert before.abs().sum() > 0
+
+
 def test_kl_penalty_is_zero_at_the_reference_and_pulls_back_after_a_change() -> None:
     V = 6
     problems, rollouts = _rollouts([[1.0, 1.0]], V, seed=4)  # equal rewards: only the KL term is left
@@ -251,6 +270,10 @@ def test_train_rl_interrupted_and_resumed_equals_an_uninterrupted_run(sft_checkp
     monkeypatch.setattr(rl.RLData, "step_metrics", real)
     resumed = rl.train_rl(sft, data, val=val, tag="cut", overrides=FAST_RL, resume=True)
     assert resumed["step"] == 4
+    # the paired gain: same problems, so it is the difference of the scores; the resumed run still has the
+    # starting model's per-problem results (from the checkpoint) to pair with
+    assert full["pass@1_gain"] == pytest.approx(full["pass@1"] - full["pass@1_start"], abs=2e-6)
+    assert resumed["pass@1_gain"] == full["pass@1_gain"] and resumed["pass@1_gain_stderr"] == full["pass@1_gain_stderr"]
 
     a, b = _weights("full"), _weights("cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -312,6 +335,8 @@ def test_train_rl_under_torchrun_with_two_processes(sft_checkpoint, tmp_path) ->
     rows = [json.loads(line) for line in (home.run_dir("rl-ddp") / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == [1, 2] and all(x["sampled_tokens"] > 0 for x in rows)
     assert "pass@1" in rows[-1] and meta["val"]["pass@1"] == rows[-1]["pass@1"]
+    assert len(meta["start_correct"]) == 4  # both ranks' held-out problems
+    assert rows[-1]["pass@1_gain"] == pytest.approx(rows[-1]["pass@1"] - meta["start_val"]["pass@1"], abs=2e-6)
 
 
 # --- the speedrun and ablation plumbing of the chat stages ------------------------------------------------------

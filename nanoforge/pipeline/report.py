@@ -141,10 +141,14 @@ def chat_report(r: dict[str, Any], plots_dir: Path) -> dict[str, Any]:
                         "rl_pass1_before": rl.get("pass@1_start"), "rl_pass1_after": rl.get("pass@1"),
                         "rl_pass1_stderr_before": rl.get("pass@1_stderr_start"),
                         "rl_pass1_stderr_after": rl.get("pass@1_stderr"),
+                        "rl_pass1_gain": rl.get("pass@1_gain"), "rl_pass1_gain_stderr": rl.get("pass@1_gain_stderr"),
                         "rl_reward_curve": [m["reward_mean"] for m in rl_metrics if _finite(m.get("reward_mean"))]})
         out["headline"].append(["RL: held-out arithmetic pass@1, before → after",
                                 f"{_pm(rl.get('pass@1_start'), rl.get('pass@1_stderr_start'))} → "
                                 f"{_pm(rl.get('pass@1'), rl.get('pass@1_stderr'))}"])
+        if _finite(rl.get("pass@1_gain")):
+            out["headline"].append(["RL: pass@1 gain on the same problems (paired standard error)",
+                                    _pm(rl["pass@1_gain"], rl.get("pass@1_gain_stderr"), signed=True)])
     out["md"] += ["## Chat", ""]
     if ce:
         models = [m for m in ("base", "sft", "rl") if m in (ce.get("models") or {})]
@@ -187,10 +191,11 @@ CHAT_CURVES = {"sft": [("loss", "SFT: training loss", "sft_loss.png"),
                       ("pass@1", "RL: held-out pass@1", "rl_pass1.png")]}
 
 
-def _pm(v: Any, err: Any) -> str:
+def _pm(v: Any, err: Any, *, signed: bool = False) -> str:
     if not _finite(v):
         return "n/a"
-    return f"{v:.3f} ± {err:.3f}" if _finite(err) else f"{v:.3f}"
+    num = f"{v:+.3f}" if signed else f"{v:.3f}"
+    return f"{num} ± {err:.3f}" if _finite(err) else num
 
 
 def _text(content: Any) -> str:

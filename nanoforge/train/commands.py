@@ -146,8 +146,10 @@ def _train_rl(args: argparse.Namespace) -> int:
                 v, e = summary.get(f"pass@1{suffix}"), summary.get(f"pass@1_stderr{suffix}")
                 return "n/a" if v is None else f"{v:.3f} ± {e:.3f} (pass@{k} {summary.get(f'pass@{k}{suffix}', 0):.3f})"
 
+            gain = summary.get("pass@1_gain")
+            paired = "" if gain is None else f"  (gain {gain:+.3f} ± {summary.get('pass@1_gain_stderr', 0):.3f} paired)"
             print(f"step {summary['step']}/{summary['max_steps']}  mean reward {summary.get('reward_mean', 0):.3f}  "
-                  f"held-out pass@1 {pk('_start')} -> {pk('')}")
+                  f"held-out pass@1 {pk('_start')} -> {pk('')}{paired}")
             print(f"checkpoint: {summary['checkpoint']}")
             print(f"metrics:    {summary['metrics']}")
     return _exit_code(summary)

@@ -145,18 +145,19 @@ def build_optimizer(model: nn.Module, train: Any, device_type: str = "cpu") -> t
         else:
             norms.append(p)
     emb_lr = train.embedding_lr or train.lr
+    norm_lr = train.norm_lr or train.lr
     betas = (train.beta1, train.beta2)
     if train.optimizer == "muon":
         groups = [dict(params=matrices, lr=train.muon_lr, kind="muon", weight_decay=0.0),
                   dict(params=embeddings, lr=emb_lr, kind="adamw", weight_decay=0.0),
                   dict(params=head, lr=train.lr, kind="adamw", weight_decay=train.weight_decay),
-                  dict(params=norms, lr=train.lr, kind="adamw", weight_decay=0.0)]
+                  dict(params=norms, lr=norm_lr, kind="adamw", weight_decay=0.0)]
         groups = [g for g in groups if g["params"]]
         opt: torch.optim.Optimizer = MuonAdamW(groups, momentum=train.muon_momentum, betas=betas, eps=train.eps)
     else:
         groups = [dict(params=matrices + head, lr=train.lr, weight_decay=train.weight_decay),
                   dict(params=embeddings, lr=emb_lr, weight_decay=0.0),
-                  dict(params=norms, lr=train.lr, weight_decay=0.0)]
+                  dict(params=norms, lr=norm_lr, weight_decay=0.0)]
         groups = [g for g in groups if g["params"]]
         fused = device_type == "cuda"
         opt = torch.optim.AdamW(groups, lr=train.lr, betas=betas, eps=train.eps, fused=fused or None)

@@ -76,8 +76,9 @@ def train_rl(from_checkpoint: str | Path, data: str | Path | Sequence[Any] | Non
     ckpt_dir = home.checkpoint_dir("rl", tag)
     existing = ckpt.checkpoint_steps(ckpt_dir)
     if resume and existing:
-        source.start_scores = dict(home.read_json(ckpt_dir / f"meta_{existing[-1]:06d}.json",
-                                                  "checkpoint meta").get("start_val") or {})
+        last = home.read_json(ckpt_dir / f"meta_{existing[-1]:06d}.json", "checkpoint meta")
+        source.start_scores = dict(last.get("start_val") or {})
+        source.start_correct = last.get("start_correct")
     summary = train(cfg, data=source, tag=tag, run=run, phase="rl", resume=resume, own_run=own_run)
     if source.no_signal_steps and source.no_signal_steps == source.steps_run and summary.get("rank", 0) == 0:
         progress.warn(f"no reward signal in any of the {source.steps_run} steps: every group's samples were all "
@@ -110,9 +111,13 @@ def rl_config(meta: dict[str, Any], *, config: str | Path | None = None, overrid
     if model_keys:
         raise UserError(f"the model comes from the --from checkpoint; model.{model_keys[0]} cannot be set for rl")
     cfg = RunConfig.from_dict(base.to_dict())
-    for key in ("lr", "embedding_lr", "muon_lr"):
+    for key in ("lr", "embedding_lr", "norm_lr", "muon_lr"):
         setattr(cfg.train, key, getattr(cfg.train, key) * probe.rl.lr_scale)
     apply_layers(cfg, layers, list(overrides))
+    if cfg.rl.norm_lr > 0:
+        cfg.train.norm_lr = cfg.rl.norm_lr
+    if cfg.rl.eval_every > 0:
+        cfg.train.eval_every = cfg.rl.eval_every
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, base.model.max_seq_len)
     validate(cfg)
     return cfg
@@ -142,16 +147,20 @@ def _load(source: Any) -> list[Any]:
 
 
 # --- the loss --------------------------------------------------------------------------------------------
-def group_advantages(rewards: torch.Tensor, *, normalize_std: bool = False, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, *, normalize_std: bool = False, positive_only: bool = False,
+                     eps: float = 1e-6) -> torch.Tensor:
     """Advantages for rewards shaped [groups, group_size]: reward − the group's mean, divided by the group's
-    standard deviation (+eps) when `normalize_std`. A group of equal rewards gives exactly zeros."""
+    standard deviation (+eps) when `normalize_std`, negative ones set to 0 when `positive_only` (only the
+    completions that beat their group are reinforced: the gradient of filtered, reward-weighted likelihood,
+    which does not push probability away from the failures onto everything else). A group of equal
+    rewards gives exactly zeros."""
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [groups, group_size], got shape {tuple(rewards.shape)}")
     rewards = rewards.float()
     adv = rewards - rewards.mean(dim=1, keepdim=True)
     if normalize_std and rewards.shape[1] > 1:
         adv = adv / (rewards.std(dim=1, keepdim=True) + eps)
-    return adv
+    return adv.clamp(min=0.0) if positive_only else adv
 
 
 def policy_gradient_loss(nats: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
@@ -398,6 +407,7 @@ class RLData:
         self.base_folder, self.base_step, self.base_meta = base
         self.data, self.held_out_source = data, held_out_source
         self.start_scores: dict[str, Any] = {}
+        self.start_correct: list[int] | None = None  # correct samples of each held-out problem at the start
         self.last: dict[str, Any] = {}
         self.steps_run = self.no_signal_steps = 0  # in this process (for the no-signal warning)
         self.ref: torch.nn.Module | None = None
@@ -448,13 +458,29 @@ class RLData:
             rollouts = self._generate(D.unwrap(model), mine, self.held_out,
                                       self._params(self.seed + 17 + info.rank), k)
             correct = [sum(r.reward >= 1.0 for r in rollouts[i * k:(i + 1) * k]) for i in range(len(mine))]
+        # the gain over the starting model is paired: the same problems at the same seed, so its standard
+        # error is that of the per-problem differences (smaller than either score's: problems differ in
+        # difficulty far more than the two models do)
+        first = self.start_correct is None
+        if first:  # every rank keeps the whole list (so does a resumed run, from the checkpoint's meta)
+            full = torch.zeros(len(self.held_out), dtype=torch.float64)
+            full[mine] = torch.tensor(correct, dtype=torch.float64)
+            self.start_correct = [int(c) for c in _all_sum(full, info, device).tolist()]
+        d = [(c - self.start_correct[i]) / k for i, c in zip(mine, correct)]
         local = torch.tensor([sum(c / k for c in correct), sum((c / k) ** 2 for c in correct),
-                              sum(pass_at_k(k, c, k) for c in correct), float(len(correct))], dtype=torch.float64)
-        s1, s2, sk, n = _all_sum(local, info, device).tolist()
+                              sum(pass_at_k(k, c, k) for c in correct), float(len(correct)),
+                              sum(d), sum(x * x for x in d)], dtype=torch.float64)
+        s1, s2, sk, n, g1, g2 = _all_sum(local, info, device).tolist()
         n = max(n, 1.0)
-        mean = s1 / n
-        var = max(s2 / n - mean * mean, 0.0) * n / max(n - 1, 1.0)
-        return {"pass@1": round(mean, 6), f"pass@{k}": round(sk / n, 6), "pass@1_stderr": round(math.sqrt(var / n), 6)}
+
+        def stderr(total: float, squares: float) -> float:
+            mean = total / n
+            return math.sqrt(max(squares / n - mean * mean, 0.0) / max(n - 1, 1.0))
+
+        out = {"pass@1": round(s1 / n, 6), f"pass@{k}": round(sk / n, 6), "pass@1_stderr": round(stderr(s1, s2), 6)}
+        if not first:
+            out.update({"pass@1_gain": round(g1 / n, 6), "pass@1_gain_stderr": round(stderr(g1, g2), 6)})
+        return out
 
     def sample(self, model: torch.nn.Module, cfg: Any) -> list[dict[str, str]]:
         """Greedy replies to the first held-out prompts."""
@@ -465,7 +491,8 @@ class RLData:
     def meta(self) -> dict[str, Any]:
         return {"from": {"path": str(self.base_folder), "step": self.base_step, "phase": self.base_meta.get("phase")},
                 "data": self.data, "val_data": self.held_out_source, "problems": len(self.problems),
-                "held_out": len(self.held_out), "start_val": self.start_scores}
+                "held_out": len(self.held_out), "start_val": self.start_scores,
+                "start_correct": self.start_correct}
 
     # --- the RL step --------------------------------------------------------------------------------
     def step_batches(self, step: int, loader: RLPrompts, model: torch.nn.Module) -> list[tuple[torch.Tensor, ...]]:
@@ -484,7 +511,7 @@ class RLData:
         rollouts = self._generate(raw, indices, self.problems, self._params(step_seed(self.seed, step, info.rank)),
                                   rc.group_size)
         rewards = torch.tensor([r.reward for r in rollouts]).view(len(indices), rc.group_size)
-        adv = group_advantages(rewards, normalize_std=rc.normalize_std)
+        adv = group_advantages(rewards, normalize_std=rc.normalize_std, positive_only=rc.positive_only)
         batches = rollout_batches(rollouts, self.problems, adv.flatten().tolist(), self._batch_size,
                                   self.device, pad_id=self.pad_id)
         local = torch.tensor([float(sum(sum(r.mask) for r in rollouts)), rewards.sum().item(), float(rewards.numel()),

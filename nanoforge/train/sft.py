@@ -132,6 +132,7 @@ def phase_config(meta: dict[str, Any], phase: str, *, config: str | Path | None 
     cfg = RunConfig.from_dict(base.to_dict())
     cfg.train.lr *= probe.sft.lr_scale
     cfg.train.embedding_lr *= probe.sft.lr_scale
+    cfg.train.norm_lr *= probe.sft.lr_scale
     cfg.train.muon_lr *= probe.sft.lr_scale
     apply_layers(cfg, layers, overrides)
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, base.model.max_seq_len)
