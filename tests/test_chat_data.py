@@ -237,8 +237,8 @@ def test_default_chat_data_is_built_offline_with_held_out_splits(default_data: P
         assert 0 < sum(mask) < len(ids)
     mixture = load_conversations(default_data / "train.toml")
     count = {k: sum(k in c.source for c in train) for k in ("stdlib_qa", "arithmetic", "identity")}
-    # the default mixture: the arithmetic problems once, a fifth of the stdlib questions, identity 4 times
-    assert len(mixture) == count["arithmetic"] + round(0.2 * count["stdlib_qa"]) + 4 * count["identity"]
+    # the default mixture: the arithmetic problems 1.25 times, a tenth of the stdlib questions, identity 4 times
+    assert len(mixture) == round(1.25 * count["arithmetic"]) + round(0.1 * count["stdlib_qa"]) + 4 * count["identity"]
 
 
 def test_default_chat_data_is_cached_and_rebuilt_on_a_version_change(default_data: Path,

@@ -460,7 +460,7 @@ def conversation_at(path: str | os.PathLike, line: int, *, shape: str = "auto",
 
 
 # ---- the offline default ----------------------------------------------------------------------------
-DEFAULT_CHAT_VERSION = 2
+DEFAULT_CHAT_VERSION = 3
 DEFAULT_META = "chat-data.json"
 VAL_PERCENT = 5
 ARITHMETIC_TRAIN = 8000
@@ -504,15 +504,18 @@ def default_chat_data(*, force: bool = False) -> Path:
 
 
 DEFAULT_MIXTURE = """\
-# The default SFT mixture: the arithmetic word problems once, a fifth of the standard-library questions
-# (one pass over all of them would double the demo's SFT for little gain) and the identity conversations
-# 4 times.
+# The default SFT mixture: the arithmetic word problems 1.25 times, a tenth of the standard-library
+# questions (one pass over all of them would double the demo's SFT for little gain) and the identity
+# conversations 4 times. With the problems once (and a fifth of the questions) the demo's SFT model got
+# 65 % or 33 % of the held-out problems right greedily depending on the last bits of its base model's
+# arithmetic; with 1.25 passes 73 % from the base that had given 33 %.
 seed = 0
 [[source]]
 path = "train/stdlib_qa.jsonl"
-epochs = 0.2
+epochs = 0.1
 [[source]]
 path = "train/arithmetic.jsonl"
+epochs = 1.25
 [[source]]
 path = "train/identity.jsonl"
 epochs = 4
