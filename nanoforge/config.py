@@ -88,6 +88,7 @@ class SftSection:
     buffer_size: int = 100         # conversations the best-fit packer chooses a row's next one from
     lr_scale: float = 1.0          # multiplies the --from checkpoint's learning rates (train.* set here win)
     val_conversations: int = 200   # held out of --data when neither --val nor a val/ split is given
+    eval_every: int = 0            # > 0: sets train.eval_every (held-out loss; the last step always)
 
 
 @dataclass
@@ -283,7 +284,7 @@ RANGES: dict[tuple[str, str], str] = {
     ("sft", "val_conversations"): ">= 0",
     ("rl", "max_steps"): "> 0", ("rl", "prompts_per_step"): "> 0", ("rl", "group_size"): "> 0",
     ("rl", "max_new_tokens"): "> 0", ("rl", "eval_prompts"): "> 0", ("rl", "eval_samples"): "> 0",
-    ("rl", "lr_scale"): "> 0", ("rl", "temperature"): ">= 0", ("rl", "kl_coef"): ">= 0", ("rl", "norm_lr"): ">= 0", ("rl", "eval_every"): ">= 0",
+    ("rl", "lr_scale"): "> 0", ("rl", "temperature"): ">= 0", ("rl", "kl_coef"): ">= 0", ("rl", "norm_lr"): ">= 0", ("rl", "eval_every"): ">= 0", ("sft", "eval_every"): ">= 0",
     ("rl", "format_reward"): ">= 0", ("rl", "top_k"): ">= 0",
     ("speedrun", "chat_eval_limit"): ">= 0",
 }

@@ -303,3 +303,29 @@ def test_two_gloo_processes_normalise_over_both_ranks_tokens(chat, nanoforge_hom
     assert all(abs(a - b) < 1e-5 for a, b in zip(got, losses, strict=True))
     ddp = load_file(str(nanoforge_home / "checkpoints" / "sft" / "ddp" / "model_000003.safetensors"))
     assert all(torch.allclose(ddp[k], v, atol=1e-5) for k, v in model.state_dict().items() if k in ddp)
+
+
+def test_phase_sections_set_their_runs_cadence_and_the_norm_gains_lr(chat) -> None:
+    """[sft] eval_every, [rl] eval_every and norm_lr reach train.* (a preset's phase section holds them),
+    and the optimizer gives the RMSNorm gains their own learning rate."""
+    from nanoforge.checkpoint import checkpoint_steps
+    from nanoforge.model import LLaMA
+    from nanoforge.train.optim import build_optimizer
+    from nanoforge.train.rl import rl_config
+    from nanoforge.train.sft import phase_config
+
+    base = chat["base"]
+    meta = json.loads((base / f"meta_{checkpoint_steps(base)[-1]:06d}.json").read_text())
+    assert phase_config(meta, "sft").train.eval_every == 25  # presets/phases/sft.toml
+    assert phase_config(meta, "sft", overrides=["sft.eval_every=7"]).train.eval_every == 7
+    plain = rl_config(meta)
+    assert plain.train.eval_every == 10 and plain.train.norm_lr == 0.0
+    cfg = rl_config(meta, overrides=["rl.eval_every=3", "rl.norm_lr=0.05", "rl.lr_scale=0.5"])
+    assert cfg.train.eval_every == 3 and cfg.train.norm_lr == 0.05
+    assert cfg.train.lr == pytest.approx(meta["config"]["train"]["lr"] * 0.5)
+    model = LLaMA(cfg.model)
+    opt = build_optimizer(model, cfg.train)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert lr_of[id(params["norm.weight"])] == lr_of[id(params["layers.0.ffn_norm.weight"])] == 0.05
+    assert lr_of[id(params["layers.0.attention.wq.weight"])] == pytest.approx(cfg.train.lr)

@@ -135,6 +135,8 @@ def phase_config(meta: dict[str, Any], phase: str, *, config: str | Path | None 
     cfg.train.norm_lr *= probe.sft.lr_scale
     cfg.train.muon_lr *= probe.sft.lr_scale
     apply_layers(cfg, layers, overrides)
+    if cfg.sft.eval_every > 0:
+        cfg.train.eval_every = cfg.sft.eval_every
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, base.model.max_seq_len)
     validate(cfg)
     return cfg
