@@ -219,16 +219,18 @@ def test_queue_full_loading_and_cancellation(models):
     from nanoforge.infer.models import ModelPool, default_engine, discover
     from nanoforge.infer.server import ServeLimits, create_app, run_in_thread
 
-    gates: list[GatedEngine] = []
+    gates: dict[str, GatedEngine] = {}
+    loading = threading.local()  # a model's loader and then its engine factory run in one thread
 
     def factory(model, tok, max_batch):
-        gates.append(GatedEngine(default_engine(model, tok, max_batch)))
-        return gates[-1]
+        gates[loading.id] = GatedEngine(default_engine(model, tok, max_batch))
+        return gates[loading.id]
 
     release = threading.Event()
     served = discover([str(models["base/tiny"]), str(models["sft/chat"])])
 
     def loader(s):
+        loading.id = s.id
         if s.id == "sft/chat":
             release.wait(30)
         return pool._load(s)
@@ -242,7 +244,7 @@ def test_queue_full_loading_and_cancellation(models):
         release.set()
         c.models.list()
         c.completions.create(model="base/tiny", prompt="Haus", max_tokens=1)  # loads it
-        gate = gates[0]
+        gate = gates["base/tiny"]  # (sft/chat may finish loading before or after it)
         gate.gate.clear()
         # (a chat stream: strict validation rejects legacy completion chunks' finish_reason null, which
         # OpenAI itself sends)
