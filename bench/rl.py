@@ -72,7 +72,8 @@ def setup(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     from nanoforge.data.chat import arithmetic_problems
     from nanoforge.export.hf import export_hf
     from nanoforge.tokenizer import Tokenizer
-    from nanoforge.train.rl import PromptSampler, problems_from_conversations, rl_config
+    from nanoforge.train.rl import PromptSampler, problems_from_conversations
+    from nanoforge.train.sft import phase_config
 
     conversations, held_out = arithmetic_problems(args.problems, seed=0, val=1)
     texts = []
@@ -86,7 +87,7 @@ def setup(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     export = export_hf(folder, root / "hf", force=True)
     _, _, meta = ckpt.load_meta(folder)
     tok = Tokenizer.load(meta["tokenizer"]["path"])
-    cfg = rl_config(meta, overrides=settings(args))
+    cfg = phase_config(meta, "rl", overrides=settings(args))
     problems = problems_from_conversations(conversations, tok, where="arithmetic")
     sampler = PromptSampler(len(problems), seed=cfg.train.seed)
     steps = [sampler.take(args.prompts) for _ in range(args.steps)]

@@ -311,16 +311,15 @@ def test_phase_sections_set_their_runs_cadence_and_the_norm_gains_lr(chat) -> No
     from nanoforge.checkpoint import checkpoint_steps
     from nanoforge.model import LLaMA
     from nanoforge.train.optim import build_optimizer
-    from nanoforge.train.rl import rl_config
     from nanoforge.train.sft import phase_config
 
     base = chat["base"]
     meta = json.loads((base / f"meta_{checkpoint_steps(base)[-1]:06d}.json").read_text())
     assert phase_config(meta, "sft").train.eval_every == 25  # presets/phases/sft.toml
     assert phase_config(meta, "sft", overrides=["sft.eval_every=7"]).train.eval_every == 7
-    plain = rl_config(meta)
+    plain = phase_config(meta, "rl")
     assert plain.train.eval_every == 10 and plain.train.norm_lr == 0.0
-    cfg = rl_config(meta, overrides=["rl.eval_every=3", "rl.norm_lr=0.05", "rl.lr_scale=0.5"])
+    cfg = phase_config(meta, "rl", overrides=["rl.eval_every=3", "rl.norm_lr=0.05", "rl.lr_scale=0.5"])
     assert cfg.train.eval_every == 3 and cfg.train.norm_lr == 0.05
     assert cfg.train.lr == pytest.approx(meta["config"]["train"]["lr"] * 0.5)
     model = LLaMA(cfg.model)

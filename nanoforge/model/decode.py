@@ -50,7 +50,7 @@ class DecodeStep:
         self.cap = c.logit_softcap
         self._params = list(model.parameters())
         self._key: list[tuple[int, int]] | None = None
-        self._rows: list[tuple[torch.Tensor | None, ...]] | None = None  # the [in, out] copies, for one row
+        self._rows: tuple[list[tuple[torch.Tensor | None, ...]], torch.Tensor] | None = None  # one row's copies
         # ‖x‖ → rms: x / sqrt(‖x‖²/d + eps) = √d · x / hypot(‖x‖, √(d·eps)); √d goes into the weights
         self._hypot_c = torch.tensor(math.sqrt(c.d_model * c.norm_eps), device=model.rope_cos.device)
 
@@ -91,14 +91,16 @@ class DecodeStep:
                 self.embed_scale = (torch.full((self.d,), root_d, device=w.device) if en is None else en * root_d)[:, None]
         self._key = key
 
-    def _row_weights(self) -> list[tuple[torch.Tensor | None, ...]]:
-        """The products' weights transposed ([in, out], row-major), made on the first one-row step: for a
-        single row x @ Wᵀ streams the weight row by row, 1.4–1.9× faster than W @ xᵀ on an AVX2 EPYC when
-        the weights come from L3 or memory (a chat's decode); for more rows W @ xᵀ is faster."""
+    def _row_weights(self) -> tuple[list[tuple[torch.Tensor | None, ...]], torch.Tensor]:
+        """The layers' and the output's weights transposed ([in, out], row-major; biases as they are), made
+        on the first one-row step: for a single row x @ Wᵀ streams the weight row by row, 1.4–1.9× faster
+        than W @ xᵀ on an AVX2 EPYC when the weights come from L3 or memory (a chat's decode); for more
+        rows W @ xᵀ is faster."""
         if self._rows is None:
             with torch.no_grad():
-                t = [tuple(None if w is None else w.t().contiguous() for w in layer) for layer in self.layers]
-                self._rows = t + [(self.out.t().contiguous(),)]
+                self._rows = ([(qkv.t().contiguous(), bias, wo.t().contiguous(), up.t().contiguous(),
+                                w2.t().contiguous()) for qkv, bias, wo, up, w2 in self.layers],
+                              self.out.t().contiguous())
         return self._rows
 
     def _unit(self, xt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -140,24 +142,15 @@ class DecodeStep:
         if self.embed_scale is not None:
             xt = self._unit(xt, torch.empty_like(xt)).mul_(self.embed_scale)
         split_qkv = [(H + Hkv) * D, Hkv * D]   # Tensor.split is a Python wrapper: the native ops are cheaper
-        one = B == 1
-        if one:  # [d, 1] and [1, d] are the same memory: x @ Wᵀ with the [in, out] copies, viewed as W @ xᵀ
-            rows = self._row_weights()
-
-            def mm(i: int, j: int, w: torch.Tensor, xt_: torch.Tensor) -> torch.Tensor:
-                return torch.mm(xt_.t(), rows[i][j]).t()
-
-            def addmm(acc: torch.Tensor, i: int, j: int, w: torch.Tensor, xt_: torch.Tensor) -> torch.Tensor:
-                return torch.addmm(acc.t(), xt_.t(), rows[i][j]).t()
+        if B == 1:  # [d, 1] and [1, d] are the same memory: x @ Wᵀ with the [in, out] copies, seen as W @ xᵀ
+            layers, out_w = self._row_weights()
+            mm, addmm = _mm_row, _addmm_row
         else:
-            def mm(i: int, j: int, w: torch.Tensor, xt_: torch.Tensor) -> torch.Tensor:
-                return torch.mm(w, xt_)
-
-            def addmm(acc: torch.Tensor, i: int, j: int, w: torch.Tensor, xt_: torch.Tensor) -> torch.Tensor:
-                return torch.addmm(acc, w, xt_)
-        for i, (w_qkv, b_qkv, w_o, w_up, w_2) in enumerate(self.layers):
+            layers, out_w = self.layers, self.out
+            mm, addmm = torch.mm, torch.addmm
+        for i, (w_qkv, b_qkv, w_o, w_up, w_2) in enumerate(layers):
             self._unit(xt, at)
-            qkv = mm(i, 0, w_qkv, at) if b_qkv is None else addmm(b_qkv, i, 0, w_qkv, at)   # [(H+2Hkv)·D, B]
+            qkv = mm(w_qkv, at) if b_qkv is None else addmm(b_qkv, w_qkv, at)   # [(H+2Hkv)·D, B]
             qk, v = qkv.split_with_sizes(split_qkv)
             qk = qk.view(H + Hkv, D, B).permute(2, 0, 1)          # [B, H + Hkv, D] views
             v = v.view(Hkv, D, B).permute(2, 0, 1)
@@ -175,16 +168,26 @@ class DecodeStep:
                 cache.k[i, rows, :, pos] = k_rot
                 cache.v[i, rows, :, pos] = v
             y = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask, enable_gqa=Hkv != H)
-            xt = addmm(xt, i, 2, w_o, y.view(B, H * D).t())
+            xt = addmm(xt, w_o, y.view(B, H * D).t())
             self._unit(xt, at)
-            u = mm(i, 3, w_up, at)                                 # [ffn (·2), B]
+            u = mm(w_up, at)                                 # [ffn (·2), B]
             if self.swiglu:
                 gate, up = u.chunk(2)
                 torch.mul(F.silu(gate), up, out=gt)
             else:
                 torch.square(F.relu_(u), out=gt)
-            xt = addmm(xt, i, 4, w_2, gt)
+            xt = addmm(xt, w_2, gt)
         self._unit(xt, at)
-        logits = mm(len(self.layers), 0, self.out, at).t().contiguous()
+        logits = mm(out_w, at).t().contiguous()
         cap = self.cap
         return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def _mm_row(wt: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+    """W @ xᵀ for one row, from Wᵀ [in, out]: (x @ Wᵀ)ᵀ."""
+    return torch.mm(xt.t(), wt).t()
+
+
+def _addmm_row(acc: torch.Tensor, wt: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+    """acc + W @ xᵀ for one row, from Wᵀ [in, out]."""
+    return torch.addmm(acc.t(), xt.t(), wt).t()

@@ -326,24 +326,22 @@ class LLaMA(nn.Module):
         if targets is None:
             return self.logits(h).float()
         targets = _masked_targets(targets, mask)
-        if reduction == "mean" and torch.is_grad_enabled() and h.dtype == torch.float32 \
-                and not self.config.logit_softcap and not torch.is_autocast_enabled(h.device.type):
-            w = self.tok_embeddings.weight if self.output is None else self.output.weight
-            return LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), w[:self.config.vocab_size],
-                                            targets.reshape(-1))
-        if reduction == "mean":
-            flat = self.logits(h).float().reshape(-1, self.config.vocab_size)
-            return F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1)
-        # per position; the output layer runs on the scored rows only (RL scores completions, not prompts)
-        scored = targets != -1
-        flat_t, flat_h = targets.reshape(-1), h.reshape(-1, h.shape[-1])
-        rows = scored.reshape(-1).nonzero().squeeze(1) if not bool(scored.all()) else None
+        flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        # With a mask (SFT's prompts, RL's prompts and padding) only the scored rows reach the output
+        # layer; without one (pretraining) nothing is selected, so the step needs no device sync.
+        rows = None if mask is None else flat_t.ne(-1).nonzero().squeeze(1)
         if rows is not None:
-            flat_t, flat_h = flat_t[rows], flat_h.index_select(0, rows)
-        nats = F.cross_entropy(self.logits(flat_h).float(), flat_t, reduction="none")
+            flat_h, flat_t = flat_h.index_select(0, rows), flat_t.index_select(0, rows)
+        if reduction == "mean":
+            if torch.is_grad_enabled() and h.dtype == torch.float32 and not self.config.logit_softcap \
+                    and not torch.is_autocast_enabled(h.device.type):
+                w = self.tok_embeddings.weight if self.output is None else self.output.weight
+                return LinearCrossEntropy.apply(flat_h, w[:self.config.vocab_size], flat_t)
+            return F.cross_entropy(self.logits(flat_h).float(), flat_t, ignore_index=-1)
+        nats = F.cross_entropy(self.logits(flat_h).float(), flat_t, ignore_index=-1, reduction="none")
         if rows is not None:
             nats = nats.new_zeros(targets.numel()).index_copy(0, rows, nats)
-        return nats.view(targets.shape), scored.float()
+        return nats.view(targets.shape), (targets != -1).float()
 
     def loss_sum(self, idx: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,18 +353,14 @@ class LLaMA(nn.Module):
 class LinearCrossEntropy(torch.autograd.Function):
     """mean cross-entropy of (h @ w.T) against targets (-1 = ignored), computed in row chunks that stay in
     cache, with the gradients produced during the forward pass (as Liger's fused linear cross-entropy does).
-    Ignored rows never reach the output layer (SFT's prompts: a fifth to a half of its rows).
+    (LLaMA.forward passes it only the scored rows when there is a mask.)
     The full [N, V] logits and their gradient are never materialised: on a CPU that saves ~25% of a
     cpu-demo training step (page faults and memory traffic of two 64 MB tensors), on a GPU memory."""
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        valid = targets != -1
-        full = h
-        keep = None if bool(valid.all()) else valid.nonzero().squeeze(1)
-        if keep is not None:  # only scored rows go through the output layer (SFT masks prompts)
-            h, targets, valid = h.index_select(0, keep), targets[keep], valid[keep]
         N, V = h.shape[0], w.shape[0]
+        valid = targets != -1
         count = valid.sum().clamp(min=1).to(h.dtype)
         grad_h = torch.empty_like(h)
         grad_wt = w.new_zeros(w.shape[1], V)  # [d, V]: the layout the chunk products come out in
@@ -386,8 +380,6 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs.mul_(vc.to(probs.dtype).unsqueeze(1) / count)
             grad_h[s:s + rows] = mm_nn(probs, w)
             add_mm_tn_(grad_wt, hc, probs)
-        if keep is not None:
-            grad_h = full.new_zeros(full.shape).index_copy_(0, keep, grad_h)
         ctx.save_for_backward(grad_h, grad_wt.T.contiguous())
         return loss / count
 

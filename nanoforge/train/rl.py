@@ -47,7 +47,7 @@ def train_rl(from_checkpoint: str | Path, data: str | Path | Sequence[Any] | Non
     from nanoforge import checkpoint as ckpt
     from nanoforge import home, progress
     from nanoforge.train.loop import train
-    from nanoforge.train.sft import checkpoint_tokenizer
+    from nanoforge.train.sft import checkpoint_tokenizer, phase_config
 
     folder, step, meta = ckpt.load_meta(from_checkpoint)
     phase = meta.get("phase", "base")
@@ -58,7 +58,7 @@ def train_rl(from_checkpoint: str | Path, data: str | Path | Sequence[Any] | Non
             raise UserError(msg + "; --allow-base starts from it anyway")
         progress.warn(msg + "; starting from it anyway (--allow-base)")
     tokenizer = checkpoint_tokenizer(meta, str(folder))
-    cfg = rl_config(meta, config=config, overrides=overrides)
+    cfg = phase_config(meta, "rl", config=config, overrides=overrides)
     rc = cfg.rl
     train_src, val_src, where, val_where = _rl_sources(data if data is not None else (rc.data or None), val)
     problems = problems_from_conversations(_load(train_src), tokenizer, where=where)
@@ -89,38 +89,6 @@ def train_rl(from_checkpoint: str | Path, data: str | Path | Sequence[Any] | Non
                     "held_out": len(held_out), "from": f"{folder} step {step}",
                     **{k: source.last[k] for k in ("reward_mean", "zero_variance_frac") if k in source.last}})
     return summary
-
-
-def rl_config(meta: dict[str, Any], *, config: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
-    """The checkpoint's resolved config ← presets/phases/rl.toml ← `config` ← `overrides`, with the
-    checkpoint's learning rates scaled by rl.lr_scale unless train.*lr is set here. model.* stays the
-    checkpoint's (UserError if set)."""
-    from nanoforge.config import PRESETS_DIR, RunConfig, apply_layers, validate
-
-    layers: list[tuple[str | Path, str]] = [(PRESETS_DIR / "phases" / "rl.toml", "rl defaults")]
-    if config:
-        layers.append((config, f"config {config}"))
-    base = RunConfig.from_dict(meta.get("config") or {})
-    for key, value in meta["model_config"].items():  # the shape the weights have, whatever the config says
-        if hasattr(base.model, key):
-            setattr(base.model, key, value)
-    base.model.depth = 0
-    probe = RunConfig.from_dict(base.to_dict())
-    touched = apply_layers(probe, layers, list(overrides))
-    model_keys = sorted(k for s, k in touched if s == "model")
-    if model_keys:
-        raise UserError(f"the model comes from the --from checkpoint; model.{model_keys[0]} cannot be set for rl")
-    cfg = RunConfig.from_dict(base.to_dict())
-    for key in ("lr", "embedding_lr", "norm_lr", "muon_lr"):
-        setattr(cfg.train, key, getattr(cfg.train, key) * probe.rl.lr_scale)
-    apply_layers(cfg, layers, list(overrides))
-    if cfg.rl.norm_lr > 0:
-        cfg.train.norm_lr = cfg.rl.norm_lr
-    if cfg.rl.eval_every > 0:
-        cfg.train.eval_every = cfg.rl.eval_every
-    cfg.model.max_seq_len = max(cfg.model.max_seq_len, base.model.max_seq_len)
-    validate(cfg)
-    return cfg
 
 
 def _rl_sources(data: Any, val: Any) -> tuple[Any, Any, str, str]:

@@ -110,14 +110,21 @@ def checkpoint_tokenizer(meta: dict[str, Any], where: str) -> Any:
     return tokenizer
 
 
+SCALED_LRS = ("lr", "embedding_lr", "norm_lr", "muon_lr")  # the checkpoint's rates that <section>.lr_scale scales
+PHASE_TRAIN_KEYS = ("eval_every", "norm_lr")  # a phase section's key > 0 sets train.<key> for that phase
+
+
 def phase_config(meta: dict[str, Any], phase: str, *, config: str | Path | None = None,
                  overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """The checkpoint's resolved config ← presets/phases/<phase>.toml ← `config` ← `overrides`, with the
-    checkpoint's learning rates scaled by sft.lr_scale unless train.*lr is set explicitly. model.* stays
-    the checkpoint's (UserError if set)."""
+    """The checkpoint's resolved config ← presets/phases/<phase>.toml ← `config` ← `overrides`, for phase
+    mid, sft (section [sft]) or rl (section [rl]): the checkpoint's learning rates scaled by the section's
+    lr_scale unless train.*lr is set explicitly, and the section's eval_every / norm_lr (when > 0) set as
+    train.* (so a preset's [sft] or [rl], all the speedrun passes on, can hold them). model.* stays the
+    checkpoint's (UserError if set)."""
     layers: list[tuple[str | Path, str]] = [(PRESETS_DIR / "phases" / f"{phase}.toml", f"{phase} defaults")]
     if config:
         layers.append((config, f"config {config}"))
+    overrides = list(overrides)
     base = RunConfig.from_dict(meta.get("config") or {})
     # The model is the checkpoint's, whatever its run config says (an imported checkpoint has none of its own).
     for key, value in meta["model_config"].items():
@@ -129,14 +136,16 @@ def phase_config(meta: dict[str, Any], phase: str, *, config: str | Path | None 
     model_keys = sorted(k for s, k in touched if s == "model")
     if model_keys:
         raise UserError(f"the model comes from the --from checkpoint; model.{model_keys[0]} cannot be set for {phase}")
+    section = "rl" if phase == "rl" else "sft"
     cfg = RunConfig.from_dict(base.to_dict())
-    cfg.train.lr *= probe.sft.lr_scale
-    cfg.train.embedding_lr *= probe.sft.lr_scale
-    cfg.train.norm_lr *= probe.sft.lr_scale
-    cfg.train.muon_lr *= probe.sft.lr_scale
+    scale = getattr(probe, section).lr_scale
+    for key in SCALED_LRS:
+        setattr(cfg.train, key, getattr(cfg.train, key) * scale)
     apply_layers(cfg, layers, overrides)
-    if cfg.sft.eval_every > 0:
-        cfg.train.eval_every = cfg.sft.eval_every
+    for key in PHASE_TRAIN_KEYS:
+        value = getattr(getattr(cfg, section), key, 0)
+        if value > 0:
+            setattr(cfg.train, key, value)
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, base.model.max_seq_len)
     validate(cfg)
     return cfg
