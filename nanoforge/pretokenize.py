@@ -10,10 +10,11 @@ from __future__ import annotations
 import signal
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from multiprocessing import get_all_start_methods, get_context
 from typing import Any
 
 import regex
+
+from nanoforge.workers import worker_context
 
 
 def _count_texts(pat: regex.Pattern, texts: list[str], into: Counter[str]) -> None:
@@ -54,13 +55,9 @@ def count_chunks(texts: Iterable[str], pattern: str, *, processes: int = 2,
         for b in _batches(texts, batch_chars):
             _count_texts(pat, b, total)
         return total
-    # The workers start from a fork server (spawn where there is none), never forked from this process: it may
-    # have threads (rayon, BLAS, pyarrow) whose locks a forked child can inherit held, and then hang. They import
-    # only this module (and regex), which is why it lives outside nanoforge.tokenizer (numpy, tiktoken).
-    method = "forkserver" if "forkserver" in get_all_start_methods() else "spawn"
-    ctx = get_context(method)
-    if method == "forkserver":
-        ctx.set_forkserver_preload(["__main__", __name__])
+    # The workers import only this module (and regex), which is why it lives outside nanoforge.tokenizer
+    # (numpy, tiktoken); nanoforge.workers says why they are never forked from this process.
+    ctx = worker_context(["__main__", __name__])
     inbox, outbox = ctx.Queue(maxsize=4 * processes), ctx.Queue()
     workers = [ctx.Process(target=_worker, args=(pattern, inbox, outbox), daemon=True) for _ in range(processes)]
     for w in workers:

@@ -11,7 +11,6 @@ where the stream continues after it, so a rerun after a crash skips finished sha
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from nanoforge import __version__, home, progress
 from nanoforge.data import corpus as corpus_mod
 from nanoforge.data import shards
 from nanoforge.errors import UserError
+from nanoforge.workers import worker_context
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard: few files, cheap to memory-map
 CONFIG_FILE = "tokenize.json"
@@ -280,10 +280,8 @@ def _tokenize_into(out: Path, name: str, tok: Any, tokenizer: Any, config: dict,
     if workers is None:
         workers = os.cpu_count() or 1
     workers = max(1, min(workers, len(units) - start)) if len(units) > start else 1
-    # Workers start from a fork server (spawn where there is none), never forked from this process: after
-    # the earlier stages it has threads (BLAS, rayon) whose locks a forked child can inherit held, and then
-    # hangs. They load the tokenizer by path when there is one, else get it pickled.
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    # Workers never forked from this process (nanoforge.workers); they load the tokenizer by path when
+    # there is one, else get it pickled.
     portable = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else tok
     init = (portable, column, split_blank_lines, dtype.name)
     t0, n_tokens = time.perf_counter(), 0
@@ -291,7 +289,7 @@ def _tokenize_into(out: Path, name: str, tok: Any, tokenizer: Any, config: dict,
     pool = None
     try:
         if workers > 1:
-            pool = multiprocessing.get_context(method).Pool(workers, _init_worker, init)
+            pool = worker_context().Pool(workers, _init_worker, init)
             results = pool.imap(_encode_unit, units[start:])
         else:
             _init_worker(*init)
