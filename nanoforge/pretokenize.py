@@ -14,7 +14,7 @@ from typing import Any
 
 import regex
 
-from nanoforge.workers import worker_context
+from nanoforge import workers as mp
 
 
 def _count_texts(pat: regex.Pattern, texts: list[str], into: Counter[str]) -> None:
@@ -57,24 +57,25 @@ def count_chunks(texts: Iterable[str], pattern: str, *, processes: int = 2,
         return total
     # The workers import only this module (and regex), which is why it lives outside nanoforge.tokenizer
     # (numpy, tiktoken); nanoforge.workers says why they are never forked from this process.
-    ctx = worker_context(["__main__", __name__])
+    ctx = mp.worker_context(["__main__", __name__])
     inbox, outbox = ctx.Queue(maxsize=4 * processes), ctx.Queue()
     workers = [ctx.Process(target=_worker, args=(pattern, inbox, outbox), daemon=True) for _ in range(processes)]
     for w in workers:
         w.start()
+    what = "BPE pre-tokenization"
     try:
         for b in _batches(texts, batch_chars):
-            inbox.put(b)
+            mp.put(inbox, b, workers, what)
         for _ in workers:
-            inbox.put(None)
-        results = sorted((outbox.get() for _ in workers), key=len, reverse=True)
+            mp.put(inbox, None, workers, what)
+        results = sorted((mp.get(outbox, workers, what) for _ in workers), key=len, reverse=True)
         total = Counter(results[0])
         for r in results[1:]:
             total.update(r)
         for w in workers:
             w.join()
     finally:
-        if any(w.is_alive() for w in workers):  # interrupted: stop the workers, drop what is still queued
+        if any(w.is_alive() for w in workers):  # interrupted or a worker died: stop the workers, drop what is still queued
             inbox.cancel_join_thread()
             for w in workers:
                 w.terminate()

@@ -228,3 +228,29 @@ def test_corpus_and_output_by_name_under_the_data_home(nanoforge_home: Path) -> 
     out = tokenize_corpus("tiny", ByteTokenizer(), name="tiny-bytes", workers=1, val_docs=5)
     assert out == nanoforge_home / "tokens" / "tiny-bytes"
     assert shards.read_meta("tiny-bytes")["splits"]["val"]["documents"] == 5
+
+
+def test_killed_worker_stops_the_run_with_one_error_and_a_rerun_resumes(corpus: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """multiprocessing.Pool would replace a killed worker and wait forever for its lost result."""
+    import multiprocessing
+    import os
+    import signal
+
+    from nanoforge.workers import WorkerDied
+
+    full = tokenize_corpus(corpus, ByteTokenizer(), out=tmp_path / "full", workers=1, shard_tokens=900)
+    real_write = shards.write_shard
+
+    def kill_workers_then_write(path, *args, **kw):  # noqa: ANN001, ANN002, ANN003
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGKILL)
+        real_write(path, *args, **kw)
+
+    monkeypatch.setattr(shards, "write_shard", kill_workers_then_write)
+    with pytest.raises(WorkerDied, match=r"tokenize .*: a worker process ended abruptly \(.*SIGKILL"):
+        tokenize_corpus(corpus, ByteTokenizer(), out=tmp_path / "part", workers=2, shard_tokens=900)
+    monkeypatch.setattr(shards, "write_shard", real_write)
+    assert not (tmp_path / "part" / "meta.json").exists()
+    tokenize_corpus(corpus, ByteTokenizer(), out=tmp_path / "part", workers=2, shard_tokens=900)
+    _same_files(full, tmp_path / "part")

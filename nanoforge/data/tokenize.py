@@ -25,7 +25,7 @@ from nanoforge import __version__, home, progress
 from nanoforge.data import corpus as corpus_mod
 from nanoforge.data import shards
 from nanoforge.errors import UserError
-from nanoforge.workers import worker_context
+from nanoforge import workers as mp
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard: few files, cheap to memory-map
 CONFIG_FILE = "tokenize.json"
@@ -286,11 +286,11 @@ def _tokenize_into(out: Path, name: str, tok: Any, tokenizer: Any, config: dict,
     init = (portable, column, split_blank_lines, dtype.name)
     t0, n_tokens = time.perf_counter(), 0
     bar = progress.bar(total=sum(sizes[start:]), desc=f"tokenize {name}", unit="B", unit_scale=True)
-    pool = None
+    results: Any = None
     try:
         if workers > 1:
-            pool = worker_context().Pool(workers, _init_worker, init)
-            results = pool.imap(_encode_unit, units[start:])
+            results = mp.imap(_encode_unit, units[start:], workers, f"tokenize {name}",
+                              initializer=_init_worker, initargs=init)
         else:
             _init_worker(*init)
             results = map(_encode_unit, units[start:])
@@ -310,8 +310,8 @@ def _tokenize_into(out: Path, name: str, tok: Any, tokenizer: Any, config: dict,
             bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
+        if hasattr(results, "close"):  # stop the workers (also when interrupted or on an error)
+            results.close()
     for w in writers.values():
         w.finish(len(units), doc_base)
     _finish_meta(out, name, tok, config, corpus)
