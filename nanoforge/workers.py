@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+import signal
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-import signal
-from collections.abc import Sequence
 from multiprocessing.context import BaseContext
 from typing import Any
 

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from nanoforge import __version__, home, progress
+from nanoforge import workers as mp
 from nanoforge.data import corpus as corpus_mod
 from nanoforge.data import shards
 from nanoforge.errors import UserError
-from nanoforge import workers as mp
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard: few files, cheap to memory-map
 CONFIG_FILE = "tokenize.json"
