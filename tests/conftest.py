@@ -39,9 +39,15 @@ def nanoforge_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     session's GEMM choice is passed on to child processes (torchrun ranks, CLI runs), so that runs a test
     compares bit for bit do the same arithmetic even if a fresh measurement in a busy child came out
     differently."""
+    from nanoforge.model import gemm
+
     home = tmp_path_factory.mktemp("nanoforge_home")
     monkeypatch.setenv("NANOFORGE_HOME", str(home))
     monkeypatch.setenv("NANOFORGE_CPU_GEMM", cpu_gemm)
+    # This process decides anew from that variable too: a decision cached by an earlier test (or at import,
+    # before any fixture ran, at another thread count) must not make an in-process run differ from its
+    # subprocesses in the last bits.
+    gemm._choice.clear()
     return home
 
 
