@@ -106,3 +106,35 @@ def test_a_model_whose_logits_are_replaced_keeps_its_own_path() -> None:
     model = _model()
     model.logits = lambda h: LLaMA.logits(model, h)
     assert not DecodeStep.supports(model, None)
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("start", [0, 9])
+def test_prefill_gets_the_forward_logits_and_the_same_cache(options: dict, start: int) -> None:
+    """A block of T tokens per row after `start` cached ones (a new turn after the conversation so far),
+    rows 1..2 of the cache: the last position's logits and every key and value the model's forward gives."""
+    model = _model(**options)
+    step = DecodeStep(model)
+    prefix = [[(5 * j + 3 * i) % 300 for j in range(start)] for i in range(2)]
+    new = [[(11 * j + 7 * i + 1) % 300 for j in range(6)] for i in range(2)]
+    ours, ref = (KVCache(model.config, 3, model.config.max_seq_len) for _ in range(2))
+    for c in (ours, ref):
+        c.k.normal_(generator=torch.Generator().manual_seed(1))
+        c.v.normal_(generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for i, ids in enumerate(prefix):  # the same cached prefix in both caches, from the model
+            if ids:
+                for c in (ours, ref):
+                    c.bind(slice(i + 1, i + 2), [0], start)
+                    model.hidden(torch.tensor([ids]), cache=c)
+        got = step.prefill(torch.tensor(new), start, ours, row=1)
+        ref.bind(slice(1, 3), [start, start], 6)
+        want_cached = model.logits(model.hidden(torch.tensor(new), cache=ref)[:, -1])
+        want = torch.stack([model(torch.tensor([p + n]))[0, -1] for p, n in zip(prefix, new)])
+    assert got.shape == (2, model.config.vocab_size)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want_cached, atol=2e-5, rtol=1e-5)
+    end = start + 6
+    torch.testing.assert_close(ours.k[:, :, :, :end], ref.k[:, :, :, :end], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.v[:, :, :, :end], ref.v[:, :, :, :end], atol=2e-5, rtol=1e-5)
+    assert torch.equal(ours.k[:, 0], ref.k[:, 0]) and torch.equal(ours.k[:, :, :, end:], ref.k[:, :, :, end:])

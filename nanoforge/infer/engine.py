@@ -44,6 +44,10 @@ from nanoforge.infer.tools import Tool, ToolRegistry, default_tools
 from nanoforge.model.decode import DecodeStep
 
 ASSISTANT_END = "<|assistant_end|>"
+# Prefills of at most this many tokens (rows × tokens, all rows at one start) go through the decode step's
+# prepared weights (DecodeStep.prefill): 1.2–2× faster than the model's modules up to ~128 tokens on two
+# CPU threads (a 54-token turn after 313 cached tokens: 12.7 → 11.1 ms), slower beyond.
+SHORT_PREFILL = 128
 
 
 @dataclass
@@ -407,6 +411,10 @@ class Engine:
         cache row slot + i at positions starts[i]..; only each row's last real position is projected."""
         B = len(tokens)
         width = max(len(t) for t in tokens)
+        if self._decode_step is not None and 1 < width and B * width <= SHORT_PREFILL and len(set(starts)) == 1 \
+                and all(len(t) == width for t in tokens):  # a new turn after a cached prefix, short prompts
+            idx = torch.tensor(tokens, device=self.device)
+            return self._decode_step.prefill(idx, starts[0], self._cache, row=slot)
         if width == 1:
             idx = torch.tensor(tokens)
         else:

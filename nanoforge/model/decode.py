@@ -186,6 +186,64 @@ class DecodeStep:
         return cap * torch.tanh(logits / cap) if cap else logits
 
 
+    def prefill(self, tokens: torch.Tensor, start: int, cache: KVCache, row: int = 0) -> torch.Tensor:
+        """Next-token logits [B, vocab_size] after feeding tokens [B, T] to cache rows row..row+B-1 at
+        positions start..start+T-1 (every row at the same start: a conversation's new turn after its cached
+        prefix, or prompts of one length). Writes their keys and values into the cache and projects only
+        the last position, with the same prepared weights and W @ xᵀ products as a decode step: for a
+        short prefill the model's modules cost more than its arithmetic (at 54 tokens after a 313-token
+        prefix, two threads: ~5.8 ms of the model's 12 ms are neither products nor attention)."""
+        self._prepare()
+        m = self.model
+        H, Hkv, D = self.H, self.Hkv, self.D
+        B, T = tokens.shape
+        N, dev, end = B * T, tokens.device, start + T
+        cos, sin = m._rope(start, T)                                        # [T, D]
+        sin_lo, sin_hi = sin.chunk(2, -1)
+        mask = None if start == 0 else torch.ones(T, end, dtype=torch.bool, device=dev).tril(diagonal=start)
+        rows = slice(row, row + B)
+        a = torch.empty(N, self.d, device=dev)
+        at = a.t()
+        r = torch.empty(B, H + Hkv, T, D, device=dev)   # rotated queries and keys
+        r_lo, r_hi = r.chunk(2, -1)
+        g = torch.empty(N, self.ffn, device=dev)
+        gt = g.t()
+        xt = F.embedding(tokens.reshape(-1), m.tok_embeddings.weight).t()  # [d, N], column b·T + t
+        if self.embed_scale is not None:
+            xt = self._unit(xt, torch.empty_like(xt)).mul_(self.embed_scale)
+        split_qkv = [(H + Hkv) * D, Hkv * D]
+        for i, (w_qkv, b_qkv, w_o, w_up, w_2) in enumerate(self.layers):
+            self._unit(xt, at)
+            qkv = torch.mm(w_qkv, at) if b_qkv is None else torch.addmm(b_qkv, w_qkv, at)
+            qk, v = qkv.split_with_sizes(split_qkv)
+            qk = qk.view(H + Hkv, D, B, T).permute(2, 0, 3, 1)              # [B, H + Hkv, T, D] views
+            qk_lo, qk_hi = qk.chunk(2, -1)
+            torch.mul(qk, cos, out=r)
+            r_lo.addcmul_(qk_hi, sin_lo, value=-1.0)
+            r_hi.addcmul_(qk_lo, sin_hi)
+            if self.qk_eps is not None:
+                r.copy_(F.rms_norm(r, (D,), None, self.qk_eps))
+            cache.k[i, rows, :, start:end].copy_(r[:, H:])
+            cache.v[i, rows, :, start:end].copy_(v.view(Hkv, D, B, T).permute(2, 0, 3, 1))
+            y = F.scaled_dot_product_attention(r[:, :H], cache.k[i, rows, :, :end], cache.v[i, rows, :, :end],
+                                               attn_mask=mask, is_causal=mask is None, enable_gqa=Hkv != H)
+            xt = torch.addmm(xt, w_o, y.transpose(1, 2).reshape(N, H * D).t())
+            self._unit(xt, at)
+            u = torch.mm(w_up, at)
+            if self.swiglu:
+                gate, up = u.chunk(2)
+                torch.mul(F.silu(gate), up, out=gt)
+            else:
+                torch.square(F.relu_(u), out=gt)
+            xt = torch.addmm(xt, w_2, gt)
+        last = xt.view(self.d, B, T)[:, :, -1]                              # [d, B]
+        h = torch.empty(B, self.d, device=dev)
+        self._unit(last, h.t())
+        logits = torch.mm(self.out, h.t()).t().contiguous()
+        cap = self.cap
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+
 def _mm_row(wt: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
     """W @ xᵀ for one row, from Wᵀ [in, out]: (x @ Wᵀ)ᵀ."""
     return torch.mm(xt.t(), wt).t()
