@@ -17,6 +17,7 @@ operations (and a few views):
 
     step = DecodeStep(model)                  # when DecodeStep.supports(model, autocast)
     logits = step(tokens, lengths, cache)     # tokens [B]: row i at position lengths[i] of cache row i
+    logits = step.prefill(ids, start, cache)  # ids [B, T] at positions start.. of cache rows 0..B-1
 
 The prepared weights are copies (the model's parameters stay as they are): about 2/3 of the blocks'
 weights again in memory, twice that once one-row steps have run. They are rebuilt when any parameter changes (its version counter or storage
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -121,70 +123,29 @@ class DecodeStep:
             k_new, v_new = cache.k[:, :B, :, p_max].unbind(0), cache.v[:, :B, :, p_max].unbind(0)
         else:
             pos = torch.tensor(lengths, device=dev)
-            cos, sin = m.rope_cos[pos].unsqueeze(1), m.rope_sin[pos].unsqueeze(1)   # [B, 1, D]
+            cos, sin = m.rope_cos[pos].view(B, 1, 1, D), m.rope_sin[pos].view(B, 1, 1, D)
             mask = (torch.arange(kv_len, device=dev) <= pos.unsqueeze(1)).view(B, 1, 1, kv_len)
             rows = torch.arange(B, device=dev)
-        sin_lo, sin_hi = sin.chunk(2, -1)
         keys, values = cache.k[:, :B, :, :kv_len].unbind(0), cache.v[:, :B, :, :kv_len].unbind(0)
 
-        # Products are computed transposed, W @ aᵀ ([out, B]) with a [B, in] row-major: MKL's fastest form
-        # for a few rows (1.6× F.linear at 8 rows on an AVX2 EPYC). So the residual stream is kept as
-        # xᵀ [d, B], normalised activations are written row-major into `a`, and the residual adds ride on
-        # the products (addmm). Buffers are reused by every layer.
-        a = torch.empty(B, self.d, device=dev)
-        at = a.t()
-        r = torch.empty(B, H + Hkv, D, device=dev)       # rotated queries and keys, row-major heads
-        r_lo, r_hi = r.chunk(2, -1)
-        # The query heads of one kv head as that head's queries ([B, Hkv, H/Hkv, D], one position): every
-        # query sees every key of its row, so attention needs no GQA expansion and reads each kv head once
-        # (~8% faster than enable_gqa when the cache comes from memory).
-        q, k_rot = r[:, :H].view(B, Hkv, H // Hkv, D), r[:, H:]
-        g = torch.empty(B, self.ffn, device=dev)
-        gt = g.t()
-        xt = F.embedding(tokens, m.tok_embeddings.weight).t()
-        if self.embed_scale is not None:
-            xt = self._unit(xt, torch.empty_like(xt)).mul_(self.embed_scale)
-        split_qkv = [(H + Hkv) * D, Hkv * D]   # Tensor.split is a Python wrapper: the native ops are cheaper
-        if B == 1:  # [d, 1] and [1, d] are the same memory: x @ Wᵀ with the [in, out] copies, seen as W @ xᵀ
-            layers, out_w = self._row_weights()
-            mm, addmm = _mm_row, _addmm_row
-        else:
-            layers, out_w = self.layers, self.out
-            mm, addmm = torch.mm, torch.addmm
-        for i, (w_qkv, b_qkv, w_o, w_up, w_2) in enumerate(layers):
-            self._unit(xt, at)
-            qkv = mm(w_qkv, at) if b_qkv is None else addmm(b_qkv, w_qkv, at)   # [(H+2Hkv)·D, B]
-            qk, v = qkv.split_with_sizes(split_qkv)
-            qk = qk.view(H + Hkv, D, B).permute(2, 0, 1)          # [B, H + Hkv, D] views
-            v = v.view(Hkv, D, B).permute(2, 0, 1)
-            qk_lo, qk_hi = qk.chunk(2, -1)
-            # rotate-half rotary of llama._Rope on queries and keys at once: x·cos + (-x2, x1)·sin
-            torch.mul(qk, cos, out=r)
-            r_lo.addcmul_(qk_hi, sin_lo, value=-1.0)
-            r_hi.addcmul_(qk_lo, sin_hi)
-            if self.qk_eps is not None:  # nanochat: parameter-free, after the rotary
-                r.copy_(F.rms_norm(r, (D,), None, self.qk_eps))
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k, v = k[:, :, 0], v[:, :, 0]
             if mask is None:
-                k_new[i].copy_(k_rot)
+                k_new[i].copy_(k)
                 v_new[i].copy_(v)
             else:
-                cache.k[i, rows, :, pos] = k_rot
+                cache.k[i, rows, :, pos] = k
                 cache.v[i, rows, :, pos] = v
-            y = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask)
-            xt = addmm(xt, w_o, y.view(B, H * D).t())
-            self._unit(xt, at)
-            u = mm(w_up, at)                                 # [ffn (·2), B]
-            if self.swiglu:
-                gate, up = u.chunk(2)
-                torch.mul(F.silu(gate), up, out=gt)
-            else:
-                torch.square(F.relu_(u), out=gt)
-            xt = addmm(xt, w_2, gt)
-        self._unit(xt, at)
-        logits = mm(out_w, at).t().contiguous()
-        cap = self.cap
-        return cap * torch.tanh(logits / cap) if cap else logits
+            # The query heads of one kv head as that head's queries ([B, Hkv, H/Hkv, D], one position):
+            # every query sees every key of its row, so attention needs no GQA expansion and reads each kv
+            # head once (~8% faster than enable_gqa when the cache comes from memory).
+            y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), keys[i], values[i], attn_mask=mask)
+            return y.view(B, H, 1, D)
 
+        if B == 1:  # [d, 1] and [1, d] are the same memory: x @ Wᵀ with the [in, out] copies, seen as W @ xᵀ
+            layers, out_w = self._row_weights()
+            return self._forward(tokens.view(B, 1), cos, sin, attend, layers, out_w, _mm_row, _addmm_row)
+        return self._forward(tokens.view(B, 1), cos, sin, attend, self.layers, self.out, torch.mm, torch.addmm)
 
     def prefill(self, tokens: torch.Tensor, start: int, cache: KVCache, row: int = 0) -> torch.Tensor:
         """Next-token logits [B, vocab_size] after feeding tokens [B, T] to cache rows row..row+B-1 at
@@ -194,52 +155,71 @@ class DecodeStep:
         short prefill the model's modules cost more than its arithmetic (at 54 tokens after a 313-token
         prefix, two threads: ~5.8 ms of the model's 12 ms are neither products nor attention)."""
         self._prepare()
+        T, end, rows = tokens.shape[1], start + tokens.shape[1], slice(row, row + tokens.shape[0])
+        cos, sin = self.model._rope(start, T)                                        # [T, D]
+        mask = None if start == 0 else torch.ones(T, end, dtype=torch.bool, device=tokens.device).tril(diagonal=start)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache.k[i, rows, :, start:end].copy_(k)
+            cache.v[i, rows, :, start:end].copy_(v)
+            return F.scaled_dot_product_attention(q, cache.k[i, rows, :, :end], cache.v[i, rows, :, :end],
+                                                  attn_mask=mask, is_causal=mask is None,
+                                                  enable_gqa=self.Hkv != self.H)
+
+        return self._forward(tokens, cos, sin, attend, self.layers, self.out, torch.mm, torch.addmm)
+
+    def _forward(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Any,
+                 layers: list[tuple[torch.Tensor | None, ...]], out_w: torch.Tensor, mm: Any, addmm: Any
+                 ) -> torch.Tensor:
+        """The blocks over tokens [B, T] and the logits [B, V] of each row's last position. `cos`/`sin`
+        broadcast to [B, heads, T, D]; attend(layer, q [B, H, T, D], k, v [B, Hkv, T, D]) stores the keys
+        and values and returns the attention output as [B, H, T, D]; mm(W, aᵀ) / addmm(acc, W, aᵀ) are
+        the products with `layers`' and `out_w`'s weights.
+
+        Products are computed transposed, W @ aᵀ ([out, N]) with a [N, in] row-major: MKL's fastest form
+        for a few rows (1.6× F.linear at 8 rows on an AVX2 EPYC). So the residual stream is kept as
+        xᵀ [d, N] (column b·T + t), normalised activations are written row-major into `a`, and the
+        residual adds ride on the products (addmm). Buffers are reused by every layer."""
         m = self.model
         H, Hkv, D = self.H, self.Hkv, self.D
         B, T = tokens.shape
-        N, dev, end = B * T, tokens.device, start + T
-        cos, sin = m._rope(start, T)                                        # [T, D]
+        N, dev = B * T, tokens.device
         sin_lo, sin_hi = sin.chunk(2, -1)
-        mask = None if start == 0 else torch.ones(T, end, dtype=torch.bool, device=dev).tril(diagonal=start)
-        rows = slice(row, row + B)
         a = torch.empty(N, self.d, device=dev)
         at = a.t()
         r = torch.empty(B, H + Hkv, T, D, device=dev)   # rotated queries and keys
         r_lo, r_hi = r.chunk(2, -1)
         g = torch.empty(N, self.ffn, device=dev)
         gt = g.t()
-        xt = F.embedding(tokens.reshape(-1), m.tok_embeddings.weight).t()  # [d, N], column b·T + t
+        xt = F.embedding(tokens.reshape(-1), m.tok_embeddings.weight).t()
         if self.embed_scale is not None:
             xt = self._unit(xt, torch.empty_like(xt)).mul_(self.embed_scale)
-        split_qkv = [(H + Hkv) * D, Hkv * D]
-        for i, (w_qkv, b_qkv, w_o, w_up, w_2) in enumerate(self.layers):
+        split_qkv = [(H + Hkv) * D, Hkv * D]   # Tensor.split is a Python wrapper: the native ops are cheaper
+        for i, (w_qkv, b_qkv, w_o, w_up, w_2) in enumerate(layers):
             self._unit(xt, at)
-            qkv = torch.mm(w_qkv, at) if b_qkv is None else torch.addmm(b_qkv, w_qkv, at)
+            qkv = mm(w_qkv, at) if b_qkv is None else addmm(b_qkv, w_qkv, at)   # [(H+2Hkv)·D, N]
             qk, v = qkv.split_with_sizes(split_qkv)
-            qk = qk.view(H + Hkv, D, B, T).permute(2, 0, 3, 1)              # [B, H + Hkv, T, D] views
+            qk = qk.view(H + Hkv, D, B, T).permute(2, 0, 3, 1)          # [B, H + Hkv, T, D] views
             qk_lo, qk_hi = qk.chunk(2, -1)
+            # rotate-half rotary of llama._Rope on queries and keys at once: x·cos + (-x2, x1)·sin
             torch.mul(qk, cos, out=r)
             r_lo.addcmul_(qk_hi, sin_lo, value=-1.0)
             r_hi.addcmul_(qk_lo, sin_hi)
-            if self.qk_eps is not None:
+            if self.qk_eps is not None:  # nanochat: parameter-free, after the rotary
                 r.copy_(F.rms_norm(r, (D,), None, self.qk_eps))
-            cache.k[i, rows, :, start:end].copy_(r[:, H:])
-            cache.v[i, rows, :, start:end].copy_(v.view(Hkv, D, B, T).permute(2, 0, 3, 1))
-            y = F.scaled_dot_product_attention(r[:, :H], cache.k[i, rows, :, :end], cache.v[i, rows, :, :end],
-                                               attn_mask=mask, is_causal=mask is None, enable_gqa=Hkv != H)
-            xt = torch.addmm(xt, w_o, y.transpose(1, 2).reshape(N, H * D).t())
+            y = attend(i, r[:, :H], r[:, H:], v.view(Hkv, D, B, T).permute(2, 0, 3, 1))
+            xt = addmm(xt, w_o, y.transpose(1, 2).reshape(N, H * D).t())
             self._unit(xt, at)
-            u = torch.mm(w_up, at)
+            u = mm(w_up, at)                                 # [ffn (·2), N]
             if self.swiglu:
                 gate, up = u.chunk(2)
                 torch.mul(F.silu(gate), up, out=gt)
             else:
                 torch.square(F.relu_(u), out=gt)
-            xt = torch.addmm(xt, w_2, gt)
-        last = xt.view(self.d, B, T)[:, :, -1]                              # [d, B]
-        h = torch.empty(B, self.d, device=dev)
-        self._unit(last, h.t())
-        logits = torch.mm(self.out, h.t()).t().contiguous()
+            xt = addmm(xt, w_2, gt)
+        last = at[:, :B]                                     # [d, B]: a[:B] row-major
+        self._unit(xt.view(self.d, B, T)[:, :, -1], last)
+        logits = mm(out_w, last).t().contiguous()
         cap = self.cap
         return cap * torch.tanh(logits / cap) if cap else logits
 
