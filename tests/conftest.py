@@ -44,10 +44,9 @@ def nanoforge_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     home = tmp_path_factory.mktemp("nanoforge_home")
     monkeypatch.setenv("NANOFORGE_HOME", str(home))
     monkeypatch.setenv("NANOFORGE_CPU_GEMM", cpu_gemm)
-    # This process decides anew from that variable too: a decision cached by an earlier test (or at import,
-    # before any fixture ran, at another thread count) must not make an in-process run differ from its
-    # subprocesses in the last bits.
-    gemm._choice.clear()
+    # This process decides anew too: a decision an earlier test fixed (set_onednn, as torchrun ranks do)
+    # must not make an in-process run differ from its subprocesses in the last bits.
+    gemm.reset()
     return home
 
 

@@ -20,10 +20,10 @@ needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="this torc
 def fresh_choice(monkeypatch: pytest.MonkeyPatch):
     """Each test decides anew; the process's decision is restored afterwards."""
     saved_choice, saved_current = dict(gemm._choice), list(gemm._current)
-    gemm._choice.clear()
+    gemm.reset()
     monkeypatch.delenv(gemm.ENV, raising=False)
     yield
-    gemm._choice.clear()
+    gemm.reset()
     gemm._choice.update(saved_choice)
     gemm._current[:] = saved_current
 
@@ -101,7 +101,7 @@ def test_choice_is_measured_once_and_cached(monkeypatch: pytest.MonkeyPatch, nan
     cache = nanoforge_home / "cache" / "cpu_gemm.json"
     entry = next(iter(json.loads(cache.read_text()).values()))
     assert entry["onednn"] is True and entry["onednn_gflops"] > entry["torch_gflops"]
-    gemm._choice.clear()
+    gemm.reset()
     assert gemm.use_onednn() is True and len(calls) == 1  # read back from the cache, not measured again
 
 
@@ -124,7 +124,7 @@ def test_env_override_and_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gemm, "measure", lambda: pytest.fail("measured despite the override"))
     monkeypatch.setenv(gemm.ENV, "torch")
     assert gemm.use_onednn() is False
-    gemm._choice.clear()
+    gemm.reset()
     monkeypatch.setenv(gemm.ENV, "mkl")
     with pytest.raises(UserError, match="NANOFORGE_CPU_GEMM='mkl': expected auto, onednn or torch"):
         gemm.use_onednn()
@@ -177,3 +177,14 @@ def test_compiled_model_uses_the_same_products() -> None:
     assert abs(compiled.item() - eager.item()) < 1e-5
     g = model.layers[0].feed_forward.w1.weight.grad
     assert g.abs().max() > 0 and _rel(g, g_eager) < 1e-4
+
+
+@needs_onednn
+def test_changing_the_variable_in_the_process_takes_effect(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gemm, "measure", lambda: pytest.fail("measured despite the variable"))
+    monkeypatch.setenv(gemm.ENV, "torch")
+    assert gemm.use_onednn() is False
+    monkeypatch.setenv(gemm.ENV, "onednn")
+    assert gemm.use_onednn() is True
+    monkeypatch.setenv(gemm.ENV, "torch")
+    assert gemm.use_onednn() is False

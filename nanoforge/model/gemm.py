@@ -9,7 +9,8 @@ differs, so results differ from MKL's in the last bits.
 Which library to use is measured once per CPU, thread count and torch version (a 1024-cubed product each
 way) and kept in $NANOFORGE_HOME/cache/cpu_gemm.json, so every later run on the machine, a resumed
 run included, does the same arithmetic. oneDNN is chosen only when it is at least 1.25× faster.
-NANOFORGE_CPU_GEMM=onednn|torch overrides the measurement.
+NANOFORGE_CPU_GEMM=onednn|torch overrides the measurement (read at each decision: a process that changes it
+gets the library it names from then on).
 
 `bf16_faster()` is the same kind of one-time measurement for `train.dtype = auto` on a CPU: bf16 products
 against the faster fp32 library, kept in cache/cpu_bf16.json. CPUs with bf16 matrix units (Intel AMX,
@@ -45,7 +46,7 @@ MEASURE_SIZE = 1024
 MIN_ROWS = 4  # below this (one-token decoding) torch's GEMV has less overhead
 BF16_MIN_SPEEDUP = 2.0
 
-_choice: dict[int, bool] = {}  # torch thread count -> the decision, in this process
+_choice: dict[tuple[int, str], bool] = {}  # (torch thread count, NANOFORGE_CPU_GEMM) -> the decision, in this process
 _current = [False]  # the latest decision: what a graph traced by torch.compile keeps
 
 
@@ -77,17 +78,22 @@ def use_onednn() -> bool:
     module doc). Under torch.compile it returns the decision made before compiling."""
     if torch.compiler.is_compiling():
         return _current[0]
-    threads = torch.get_num_threads()
-    choice = _choice.get(threads)
+    key = (torch.get_num_threads(), os.environ.get(ENV, "auto"))
+    choice = _choice.get(key)
     if choice is None:
-        choice = _choice[threads] = _decide(threads)
+        choice = _choice[key] = _decide(key[0])
     _current[0] = choice
     return choice
 
 
 def set_onednn(flag: bool) -> None:
     """Fix the choice for this process (distributed ranks adopt rank 0's, so all do the same arithmetic)."""
-    _choice[torch.get_num_threads()] = _current[0] = bool(flag) and onednn_available()
+    _choice[(torch.get_num_threads(), os.environ.get(ENV, "auto"))] = _current[0] = bool(flag) and onednn_available()
+
+
+def reset() -> None:
+    """Forget this process's decisions (the next product decides again: cache file, variable or measurement)."""
+    _choice.clear()
 
 
 def _decide(threads: int) -> bool:
