@@ -25,6 +25,7 @@ from typing import Any
 from nanoforge.errors import NanoforgeError
 
 POLL_S = 0.5
+ADVICE = "nothing was written, run the command again"
 
 
 class WorkerDied(NanoforgeError):
@@ -54,34 +55,35 @@ def how_it_ended(exitcode: int | None) -> str:
     return f"killed by {name}" + (" (out of memory?)" if -exitcode == signal.SIGKILL else "")
 
 
-def check_alive(workers: Sequence[Any], what: str) -> None:
-    """Raise WorkerDied if any of `workers` (multiprocessing.Process) ended with a non-zero exit code."""
+def check_alive(workers: Sequence[Any], what: str, advice: str = ADVICE) -> None:
+    """Raise WorkerDied if any of `workers` (multiprocessing.Process) ended with a non-zero exit code;
+    `what` names the work, `advice` (what is kept, what to do) ends the message."""
     for i, w in enumerate(workers):
         if w.exitcode not in (None, 0):
             raise WorkerDied(f"{what}: worker {i + 1} of {len(workers)} (pid {w.pid}) {how_it_ended(w.exitcode)}; "
-                             "nothing was written, run the command again")
+                             f"{advice}")
 
 
-def put(q: Any, item: Any, workers: Sequence[Any], what: str) -> None:
+def put(q: Any, item: Any, workers: Sequence[Any], what: str, advice: str = ADVICE) -> None:
     """q.put(item), checking the workers between waits (a full queue whose readers died never drains)."""
     while True:
         try:
             q.put(item, timeout=POLL_S)
             return
         except queue.Full:
-            check_alive(workers, what)
+            check_alive(workers, what, advice)
 
 
-def get(q: Any, workers: Sequence[Any], what: str) -> Any:
+def get(q: Any, workers: Sequence[Any], what: str, advice: str = ADVICE) -> Any:
     """q.get(), checking the workers between waits (a dead worker never sends its result)."""
     while True:
         try:
             return q.get(timeout=POLL_S)
         except queue.Empty:
-            check_alive(workers, what)
+            check_alive(workers, what, advice)
 
 
-def imap(fn: Callable[[Any], Any], items: Iterable[Any], processes: int, what: str, *,
+def imap(fn: Callable[[Any], Any], items: Iterable[Any], processes: int, what: str, advice: str = ADVICE, *,
          initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> Iterator[Any]:
     """fn(item) for each item in `processes` worker processes, in order, at most 2 × processes items ahead
     of the consumer (so results never pile up in memory). A worker that dies raises WorkerDied at once,
@@ -99,8 +101,7 @@ def imap(fn: Callable[[Any], Any], items: Iterable[Any], processes: int, what: s
         done = True
     except BrokenProcessPool:
         codes = [how_it_ended(p.exitcode) for p in _processes(pool) if p.exitcode not in (None, 0)]
-        raise WorkerDied(f"{what}: a worker process ended abruptly ({', '.join(codes) or 'killed'}); "
-                         "what was finished is kept, run the command again to resume") from None
+        raise WorkerDied(f"{what}: a worker process ended abruptly ({', '.join(codes) or 'killed'}); {advice}") from None
     finally:
         if not done:  # interrupted, an error, or the consumer stopped: do not wait for the queued work
             for p in _processes(pool):

@@ -290,6 +290,7 @@ def _tokenize_into(out: Path, name: str, tok: Any, tokenizer: Any, config: dict,
     try:
         if workers > 1:
             results = mp.imap(_encode_unit, units[start:], workers, f"tokenize {name}",
+                              "the finished shards are kept, run the command again to resume",
                               initializer=_init_worker, initargs=init)
         else:
             _init_worker(*init)
