@@ -282,11 +282,11 @@ RANGES: dict[tuple[str, str], str] = {
     ("eval", "limit"): ">= 0", ("eval", "max_new_tokens"): ">= 0",
     ("model", "logit_softcap"): ">= 0",
     ("sft", "epochs"): "> 0", ("sft", "buffer_size"): ">= 1", ("sft", "lr_scale"): "> 0",
-    ("sft", "val_conversations"): ">= 0",
+    ("sft", "val_conversations"): ">= 0", ("sft", "eval_every"): ">= 0",
     ("rl", "max_steps"): "> 0", ("rl", "prompts_per_step"): "> 0", ("rl", "group_size"): "> 0",
     ("rl", "max_new_tokens"): "> 0", ("rl", "eval_prompts"): "> 0", ("rl", "eval_samples"): "> 0",
     ("rl", "lr_scale"): "> 0", ("rl", "temperature"): ">= 0", ("rl", "kl_coef"): ">= 0", ("rl", "norm_lr"): ">= 0",
-    ("rl", "eval_every"): ">= 0", ("sft", "eval_every"): ">= 0",
+    ("rl", "eval_every"): ">= 0",
     ("rl", "format_reward"): ">= 0", ("rl", "top_k"): ">= 0",
     ("speedrun", "chat_eval_limit"): ">= 0",
 }
