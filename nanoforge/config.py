@@ -48,6 +48,8 @@ class TrainSection:
     min_lr_frac: float = 0.0       # the schedule ends at lr × min_lr_frac
     embedding_lr: float = 0.0      # 0: same as lr (the token embedding's AdamW lr)
     norm_lr: float = 0.0           # 0: same as lr (the RMSNorm gains' AdamW lr)
+    trainable: list[str] = field(default_factory=list)  # parameters trained (fnmatch patterns of names such
+                                   # as "norm.weight", "layers.*.ffn.*"); [] = all; the rest stay frozen
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     weight_decay: float = 0.0
@@ -119,12 +121,16 @@ class RLSection:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_k: int = 0                 # 0 = the whole vocabulary
+    sample_batch: int = 0          # rows the engine decodes at once (rollouts and evaluation); 0 = a step's
+                                   # rollouts, prompts_per_step × group_size (its KV cache grows to that)
     lr_scale: float = 0.1          # multiplies the --from checkpoint's learning rates (train.* set here win)
     kl_coef: float = 0.0           # > 0: k3 KL penalty to the starting model
     normalize_std: bool = False    # advantages divided by the group's standard deviation
     positive_only: bool = False    # negative advantages → 0: only completions above their group's mean are trained
     norm_lr: float = 0.0           # > 0: the RMSNorm gains' learning rate in RL (sets train.norm_lr; their
                                    # scale is how sharp the policy is, which RL on a small model moves most)
+    trainable: list[str] = field(default_factory=list)  # non-empty: sets train.trainable for RL (the
+                                   # cpu-demo trains the final norm's gains only)
     format_reward: float = 0.0     # reward for a wrong answer that still has the `#### n` form
     eval_prompts: int = 64         # held-out prompts for pass@1 / pass@k (every train.eval_every steps)
     eval_every: int = 0            # > 0: sets train.eval_every (the start and the last step are always scored)
@@ -287,7 +293,7 @@ RANGES: dict[tuple[str, str], str] = {
     ("rl", "max_new_tokens"): "> 0", ("rl", "eval_prompts"): "> 0", ("rl", "eval_samples"): "> 0",
     ("rl", "lr_scale"): "> 0", ("rl", "temperature"): ">= 0", ("rl", "kl_coef"): ">= 0", ("rl", "norm_lr"): ">= 0",
     ("rl", "eval_every"): ">= 0",
-    ("rl", "format_reward"): ">= 0", ("rl", "top_k"): ">= 0",
+    ("rl", "format_reward"): ">= 0", ("rl", "top_k"): ">= 0", ("rl", "sample_batch"): ">= 0",
     ("speedrun", "chat_eval_limit"): ">= 0",
 }
 _HINTS = {("train", "max_steps"): " (0 = derive from train.token_ratio)", ("train", "grad_clip"): " (0 disables)"}

@@ -296,6 +296,31 @@ def load_state_dict_of(folder):
     return load_state_dict(folder, checkpoint_steps(folder)[-1])
 
 
+def test_rl_trainable_moves_only_the_named_parameters(sft_checkpoint, monkeypatch) -> None:
+    """rl.trainable = ["norm.weight"]: the final norm's gains change, every other tensor stays bit for bit
+    the SFT model's (frozen: no gradient, no optimizer state); a pattern that matches nothing is refused."""
+    import nanoforge.train.rl as rl
+    from nanoforge.checkpoint import checkpoint_steps, load_optimizer_state
+    from nanoforge.errors import UserError
+
+    _, sft = sft_checkpoint
+    _vary_reward(monkeypatch)
+    data, val = _arithmetic(12, 0), _arithmetic(4, 1)
+    out = rl.train_rl(sft, data, val=val, tag="final-norm",
+                      overrides=[*FAST_RL, "rl.trainable=norm.weight", "rl.norm_lr=0.5"])
+    assert out["step"] == 4
+    after, start = _weights("final-norm"), load_state_dict_of(sft)
+    moved = sorted(k for k in after if not torch.equal(after[k], start[k]))
+    assert moved == ["norm.weight"]
+    from nanoforge import home
+
+    folder = home.checkpoint_dir("rl", "final-norm")
+    state = load_optimizer_state(folder, checkpoint_steps(folder)[-1])
+    assert len(state["state"]) == 1  # AdamW moments for the one trained tensor only
+    with pytest.raises(UserError, match="'layers.*.nothing' matches no parameter of the model"):
+        rl.train_rl(sft, data, val=val, tag="bad", overrides=[*FAST_RL, "rl.trainable=layers.*.nothing"])
+
+
 def test_train_rl_refuses_bad_input(sft_checkpoint) -> None:
     from nanoforge.errors import UserError
     from nanoforge.train.rl import train_rl

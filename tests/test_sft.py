@@ -328,3 +328,7 @@ def test_phase_sections_set_their_runs_cadence_and_the_norm_gains_lr(chat) -> No
     params = dict(model.named_parameters())
     assert lr_of[id(params["norm.weight"])] == lr_of[id(params["layers.0.ffn_norm.weight"])] == 0.05
     assert lr_of[id(params["layers.0.attention.wq.weight"])] == pytest.approx(cfg.train.lr)
+    # rl.trainable reaches train.trainable; a later phase from that checkpoint trains everything again
+    assert phase_config(meta, "rl", overrides=["rl.trainable=norm.weight"]).train.trainable == ["norm.weight"]
+    frozen = {**meta, "config": {**meta["config"], "train": {**meta["config"]["train"], "trainable": ["norm.weight"]}}}
+    assert phase_config(frozen, "sft").train.trainable == []

@@ -36,7 +36,7 @@ from nanoforge import dist as D
 from nanoforge import home, progress
 from nanoforge.config import RunConfig, load_config
 from nanoforge.errors import UserError
-from nanoforge.train.optim import build_optimizer, lr_multiplier, set_lr
+from nanoforge.train.optim import build_optimizer, freeze_except, lr_multiplier, set_lr
 
 RUN_OWNER = "train.json"  # runs/<run>/train.json: {"phase", "tag"} of the training that writes the run
 
@@ -292,6 +292,7 @@ class _Trainer:
         else:
             self.data.init_weights(raw)
         raw.to(self.device)
+        self.trained_params = freeze_except(raw, tc.trainable)
         self.raw = raw
         model: torch.nn.Module = D.wrap(raw, info, tc.parallel, self.device)
         if _flag(tc.compile, self.device.type == "cuda"):
@@ -320,7 +321,8 @@ class _Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             home.atomic_write_text(self.run_dir / "config.toml", self.cfg.to_toml())
             _truncate_metrics(self.run_dir / "metrics.jsonl", start_step)
-            progress.log(f"{mc.num_params():,} parameters, {self.max_steps} steps × {tc.total_batch_tokens:,} tokens "
+            trained = "" if not tc.trainable else f" ({self.trained_params:,} trained: {', '.join(tc.trainable)})"
+            progress.log(f"{mc.num_params():,} parameters{trained}, {self.max_steps} steps × {tc.total_batch_tokens:,} tokens "
                          f"({self.accum} micro-steps × {info.world_size} processes), {tc.optimizer}, device "
                          f"{self.device}{', bf16 autocast' if self.autocast == torch.bfloat16 else ''}"
                          f"{f', resuming at step {start_step}' if start_step else ''}")

@@ -272,6 +272,12 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**31 - 1)
 
 
+def eval_seed(seed: int, rank: int) -> int:
+    """The sampling seed of the held-out evaluation on one process: the same at every evaluation (so the
+    gain is paired), offset by 2**30 from the rollout seeds of `step_seed`."""
+    return (seed * 1_000_003 + 2**30 + rank * 104_729) % (2**31 - 1)
+
+
 # --- rollouts ----------------------------------------------------------------------------------------------
 @dataclass
 class Rollout:
@@ -424,7 +430,7 @@ class RLData:
         correct: list[int] = []
         if mine:
             rollouts = self._generate(D.unwrap(model), mine, self.held_out,
-                                      self._params(self.seed + 17 + info.rank), k)
+                                      self._params(eval_seed(self.seed, info.rank)), k)
             correct = [sum(r.reward >= 1.0 for r in rollouts[i * k:(i + 1) * k]) for i in range(len(mine))]
         # the gain over the starting model is paired: the same problems at the same seed, so its standard
         # error is that of the per-problem differences (smaller than either score's: problems differ in
@@ -528,7 +534,8 @@ class RLData:
         from nanoforge.infer.engine import Engine
 
         if self._engine_model is not raw:
-            self._engine, self._engine_model = Engine(raw, self.tokenizer), raw
+            rows = self.rc.sample_batch or self.rc.prompts_per_step * self.rc.group_size
+            self._engine, self._engine_model = Engine(raw, self.tokenizer, max_batch=rows), raw
         was = raw.training
         raw.eval()
         try:

@@ -111,7 +111,8 @@ def checkpoint_tokenizer(meta: dict[str, Any], where: str) -> Any:
 
 
 SCALED_LRS = ("lr", "embedding_lr", "norm_lr", "muon_lr")  # the checkpoint's rates that <section>.lr_scale scales
-PHASE_TRAIN_KEYS = ("eval_every", "norm_lr")  # a phase section's key > 0 sets train.<key> for that phase
+PHASE_TRAIN_KEYS = ("eval_every", "norm_lr", "trainable")  # a phase section's key, when set (> 0, non-empty),
+                                                            # sets train.<key> for that phase
 
 
 def phase_config(meta: dict[str, Any], phase: str, *, config: str | Path | None = None,
@@ -141,10 +142,11 @@ def phase_config(meta: dict[str, Any], phase: str, *, config: str | Path | None 
     scale = getattr(probe, section).lr_scale
     for key in SCALED_LRS:
         setattr(cfg.train, key, getattr(cfg.train, key) * scale)
+    cfg.train.trainable = []  # each phase trains all parameters unless its own settings say otherwise
     apply_layers(cfg, layers, overrides)
     for key in PHASE_TRAIN_KEYS:
         value = getattr(getattr(cfg, section), key, 0)
-        if value > 0:
+        if value:
             setattr(cfg.train, key, value)
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, base.model.max_seq_len)
     validate(cfg)
