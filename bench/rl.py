@@ -59,7 +59,8 @@ def settings(args: argparse.Namespace) -> list[str]:
     evaluation: one problem, one sample, at the start and the end, outside the timed steps)."""
     return [f"rl.prompts_per_step={args.prompts}", f"rl.group_size={args.group}",
             f"rl.max_new_tokens={args.new_tokens}", f"rl.max_steps={args.steps}", "rl.eval_prompts=1",
-            "rl.eval_samples=1",
+            "rl.eval_samples=1", "rl.trainable=", "rl.sample_batch=0",  # every parameter trains, as in TRL;
+            # a step's rollouts are decoded together, as TRL generates them
             f"train.device_batch_size={args.micro_batch}", "train.eval_every=0", "train.sample_every=0",
             "train.save_every=0", "train.dtype=float32", "train.device=cpu", "train.compile=false"]
 
