@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -19,7 +20,8 @@ def _kill_children_when_started(stop: threading.Event) -> None:
         if kids:
             time.sleep(0.2)
             for k in kids:
-                os.kill(k.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # one that ended between listing and kill
+                    os.kill(k.pid, signal.SIGKILL)
             return
         time.sleep(0.02)
 
