@@ -300,6 +300,7 @@ def test_rl_trainable_moves_only_the_named_parameters(sft_checkpoint, monkeypatc
     """rl.trainable = ["norm.weight"]: the final norm's gains change, every other tensor stays bit for bit
     the SFT model's (frozen: no gradient, no optimizer state); a pattern that matches nothing is refused."""
     import nanoforge.train.rl as rl
+    from nanoforge import home
     from nanoforge.checkpoint import checkpoint_steps, load_optimizer_state
     from nanoforge.errors import UserError
 
@@ -312,8 +313,6 @@ def test_rl_trainable_moves_only_the_named_parameters(sft_checkpoint, monkeypatc
     after, start = _weights("final-norm"), load_state_dict_of(sft)
     moved = sorted(k for k in after if not torch.equal(after[k], start[k]))
     assert moved == ["norm.weight"]
-    from nanoforge import home
-
     folder = home.checkpoint_dir("rl", "final-norm")
     state = load_optimizer_state(folder, checkpoint_steps(folder)[-1])
     assert len(state["state"]) == 1  # AdamW moments for the one trained tensor only

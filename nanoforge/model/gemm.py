@@ -78,7 +78,7 @@ def use_onednn() -> bool:
     module doc). Under torch.compile it returns the decision made before compiling."""
     if torch.compiler.is_compiling():
         return _current[0]
-    key = (torch.get_num_threads(), os.environ.get(ENV, "auto"))
+    key = _key()
     choice = _choice.get(key)
     if choice is None:
         choice = _choice[key] = _decide(key[0])
@@ -88,7 +88,12 @@ def use_onednn() -> bool:
 
 def set_onednn(flag: bool) -> None:
     """Fix the choice for this process (distributed ranks adopt rank 0's, so all do the same arithmetic)."""
-    _choice[(torch.get_num_threads(), os.environ.get(ENV, "auto"))] = _current[0] = bool(flag) and onednn_available()
+    _choice[_key()] = _current[0] = bool(flag) and onednn_available()
+
+
+def _key() -> tuple[int, str]:
+    """What a decision depends on in this process: the torch thread count and NANOFORGE_CPU_GEMM."""
+    return torch.get_num_threads(), os.environ.get(ENV, "auto")
 
 
 def reset() -> None:

@@ -292,7 +292,7 @@ class _Trainer:
         else:
             self.data.init_weights(raw)
         raw.to(self.device)
-        self.trained_params = freeze_except(raw, tc.trainable)
+        freeze_except(raw, tc.trainable)
         self.raw = raw
         model: torch.nn.Module = D.wrap(raw, info, tc.parallel, self.device)
         if _flag(tc.compile, self.device.type == "cuda"):
@@ -321,7 +321,8 @@ class _Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             home.atomic_write_text(self.run_dir / "config.toml", self.cfg.to_toml())
             _truncate_metrics(self.run_dir / "metrics.jsonl", start_step)
-            trained = "" if not tc.trainable else f" ({self.trained_params:,} trained: {', '.join(tc.trainable)})"
+            trained = "" if not tc.trainable else \
+                f" ({sum(p.numel() for p in raw.parameters() if p.requires_grad):,} trained: {', '.join(tc.trainable)})"
             progress.log(f"{mc.num_params():,} parameters{trained}, {self.max_steps} steps × {tc.total_batch_tokens:,} tokens "
                          f"({self.accum} micro-steps × {info.world_size} processes), {tc.optimizer}, device "
                          f"{self.device}{', bf16 autocast' if self.autocast == torch.bfloat16 else ''}"

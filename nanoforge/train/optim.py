@@ -129,28 +129,26 @@ def _orthogonalise(g: torch.Tensor, steps: int) -> torch.Tensor:
     return zeropower_via_newtonschulz5(g, steps)
 
 
-def freeze_except(model: nn.Module, patterns: list[str], *, where: str = "train.trainable") -> int:
+def freeze_except(model: nn.Module, patterns: list[str]) -> None:
     """Leave only the parameters whose names match one of the fnmatch `patterns` trainable (no patterns:
     all of them); the others get requires_grad False, so they have no gradient, no optimizer state and no
-    backward past the last trained one. Returns the number of trained values; UserError when a pattern
-    matches no parameter."""
+    backward past the last trained one. UserError (naming train.trainable) when a pattern matches no
+    parameter."""
     from fnmatch import fnmatchcase
 
     from nanoforge.errors import UserError
 
     if not patterns:
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return
     named = list(model.named_parameters())
-    for pattern in patterns:
-        if not any(fnmatchcase(name, pattern) for name, _ in named):
-            raise UserError(f"{where}: '{pattern}' matches no parameter of the model (names look like "
+    matched = {pattern: {name for name, _ in named if fnmatchcase(name, pattern)} for pattern in patterns}
+    for pattern, names in matched.items():
+        if not names:
+            raise UserError(f"train.trainable: '{pattern}' matches no parameter of the model (names look like "
                             f"{named[0][0]!r}, {named[-1][0]!r}; * matches any characters, '.' included)")
-    trained = 0
+    keep = set().union(*matched.values())
     for name, p in named:
-        keep = any(fnmatchcase(name, pattern) for pattern in patterns)
-        p.requires_grad_(keep)
-        trained += p.numel() if keep else 0
-    return trained
+        p.requires_grad_(name in keep)
 
 
 def build_optimizer(model: nn.Module, train: Any, device_type: str = "cpu") -> torch.optim.Optimizer:
