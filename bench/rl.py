@@ -82,7 +82,8 @@ def setup(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         for m in conv:
             c = m["content"]
             texts.append(c if isinstance(c, str) else "".join(p["text"] for p in c))
-    config = load_config(preset="cpu-demo", overrides=["train.device=cpu", "train.compile=false"]).to_dict()
+    config = load_config(preset="cpu-demo", overrides=["train.device=cpu", "train.compile=false",
+                                                      "train.optimizer=adamw"]).to_dict()  # TRL's
     folder = small_model.make_checkpoint(root, texts, ctx=args.ctx, vocab_size=args.vocab, config=config,
                                          match_vocab=True)
     export = export_hf(folder, root / "hf", force=True)

@@ -91,6 +91,7 @@ class SftSection:
     lr_scale: float = 1.0          # multiplies the --from checkpoint's learning rates (train.* set here win)
     val_conversations: int = 200   # held out of --data when neither --val nor a val/ split is given
     eval_every: int = 0            # > 0: sets train.eval_every (held-out loss; the last step always)
+    optimizer: str = ""            # adamw | muon: sets train.optimizer for the phase; "" = the checkpoint's
 
 
 @dataclass
@@ -155,6 +156,7 @@ CHOICES = {("train", "optimizer"): ("adamw", "muon"),
            ("speedrun", "until"): ("base", "sft", "rl"),
            ("data", "layout"): ("packed", "bos_aligned", "unpacked"),
            ("sft", "learn"): ("assistant", "all"),
+           ("sft", "optimizer"): ("", "adamw", "muon"),
            ("tokenizer", "backend"): ("rustbpe", "neox", "python")}
 _DEPTH_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
 
@@ -315,7 +317,8 @@ def validate(cfg: RunConfig) -> None:
     for (section, key), choices in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
-            raise UserError(f"{section}.{key} must be one of {', '.join(choices)}, got '{value}'")
+            allowed = ", ".join(c or '""' for c in choices)
+            raise UserError(f"{section}.{key} must be one of {allowed}, got '{value}'")
     for section in SECTIONS:
         obj = getattr(cfg, section)
         for f in dataclasses.fields(obj):

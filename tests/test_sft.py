@@ -332,3 +332,23 @@ def test_phase_sections_set_their_runs_cadence_and_the_norm_gains_lr(chat) -> No
     assert phase_config(meta, "rl", overrides=["rl.trainable=norm.weight"]).train.trainable == ["norm.weight"]
     frozen = {**meta, "config": {**meta["config"], "train": {**meta["config"]["train"], "trainable": ["norm.weight"]}}}
     assert phase_config(frozen, "sft").train.trainable == []
+
+
+def test_sft_optimizer_replaces_the_checkpoints_for_the_phase(chat) -> None:
+    """[sft] optimizer: a Muon-pretrained base fine-tunes with AdamW at the base run's AdamW rate (as the
+    cpu-demo does); unset, the checkpoint's optimizer carries over; an unknown one is refused by name."""
+    from nanoforge.checkpoint import checkpoint_steps
+    from nanoforge.model import LLaMA
+    from nanoforge.train.optim import MuonAdamW, build_optimizer
+    from nanoforge.train.sft import phase_config
+
+    base = chat["base"]
+    meta = json.loads((base / f"meta_{checkpoint_steps(base)[-1]:06d}.json").read_text())
+    muon = {**meta, "config": {**meta["config"], "train": {**meta["config"]["train"], "optimizer": "muon"}}}
+    assert phase_config(muon, "sft").train.optimizer == "muon"
+    cfg = phase_config(muon, "sft", overrides=["sft.optimizer=adamw"])
+    assert cfg.train.optimizer == "adamw" and cfg.train.lr == meta["config"]["train"]["lr"]
+    assert not isinstance(build_optimizer(LLaMA(cfg.model), cfg.train), MuonAdamW)
+    assert isinstance(build_optimizer(LLaMA(cfg.model), phase_config(muon, "sft").train), MuonAdamW)
+    with pytest.raises(UserError, match=r'sft.optimizer must be one of "", adamw, muon, got \'sgd\''):
+        phase_config(meta, "sft", overrides=["sft.optimizer=sgd"])

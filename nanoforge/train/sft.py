@@ -111,7 +111,7 @@ def checkpoint_tokenizer(meta: dict[str, Any], where: str) -> Any:
 
 
 SCALED_LRS = ("lr", "embedding_lr", "norm_lr", "muon_lr")  # the checkpoint's rates that <section>.lr_scale scales
-PHASE_TRAIN_KEYS = ("eval_every", "norm_lr", "trainable")  # a phase section's key, when set (> 0, non-empty),
+PHASE_TRAIN_KEYS = ("eval_every", "norm_lr", "trainable", "optimizer")  # a phase section's key, when set (> 0, non-empty),
                                                             # sets train.<key> for that phase
 
 
@@ -119,7 +119,7 @@ def phase_config(meta: dict[str, Any], phase: str, *, config: str | Path | None 
                  overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """The checkpoint's resolved config ← presets/phases/<phase>.toml ← `config` ← `overrides`, for phase
     mid, sft (section [sft]) or rl (section [rl]): the checkpoint's learning rates scaled by the section's
-    lr_scale unless train.*lr is set explicitly, and the section's eval_every / norm_lr (when > 0) set as
+    lr_scale unless train.*lr is set explicitly, and the section's PHASE_TRAIN_KEYS (when set) as
     train.* (so a preset's [sft] or [rl], all the speedrun passes on, can hold them). model.* stays the
     checkpoint's (UserError if set)."""
     layers: list[tuple[str | Path, str]] = [(PRESETS_DIR / "phases" / f"{phase}.toml", f"{phase} defaults")]
@@ -144,6 +144,7 @@ def phase_config(meta: dict[str, Any], phase: str, *, config: str | Path | None 
         setattr(cfg.train, key, getattr(cfg.train, key) * scale)
     cfg.train.trainable = []  # each phase trains all parameters unless its own settings say otherwise
     apply_layers(cfg, layers, overrides)
+    validate(cfg)  # a bad [sft]/[rl] key is named as the user wrote it, before it is copied into train.*
     for key in PHASE_TRAIN_KEYS:
         value = getattr(getattr(cfg, section), key, 0)
         if value:
