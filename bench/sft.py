@@ -86,7 +86,8 @@ def setup(home: Path, batch: int, seq_len: int, chat_data: str | None, vocab_siz
     cfg = load_config(preset="cpu-demo", overrides=[f"model.vocab_size={tok.vocab_size}",
                                                     f"train.device_batch_size={batch}", f"train.seq_len={seq_len}",
                                                     f"train.total_batch_tokens={batch * seq_len}",
-                                                    "train.device=cpu", "train.compile=false", "train.optimizer=adamw"])  # TRL's
+                                                    "train.device=cpu", "train.compile=false",
+                                                    "train.optimizer=adamw"])  # TRL's
     torch.manual_seed(0)
     model = LLaMA(cfg.model_config())
     meta = {"phase": "base", "tag": "bench", "model_config": cfg.model_config().to_dict(), "config": cfg.to_dict(),

@@ -148,7 +148,8 @@ class SpeedrunSection:
 SECTIONS: dict[str, type] = {"model": ModelSection, "train": TrainSection, "data": DataSection,
                              "tokenizer": TokenizerSection, "eval": EvalSection, "sft": SftSection,
                              "rl": RLSection, "speedrun": SpeedrunSection}
-CHOICES = {("train", "optimizer"): ("adamw", "muon"),
+OPTIMIZERS = ("adamw", "muon")
+CHOICES = {("train", "optimizer"): OPTIMIZERS,
            ("train", "schedule"): ("cosine", "linear", "wsd", "constant"),
            ("train", "dtype"): ("auto", "float32", "bfloat16"),
            ("train", "compile"): ("auto", "true", "false"),
@@ -156,7 +157,7 @@ CHOICES = {("train", "optimizer"): ("adamw", "muon"),
            ("speedrun", "until"): ("base", "sft", "rl"),
            ("data", "layout"): ("packed", "bos_aligned", "unpacked"),
            ("sft", "learn"): ("assistant", "all"),
-           ("sft", "optimizer"): ("", "adamw", "muon"),
+           ("sft", "optimizer"): ("", *OPTIMIZERS),  # "": the --from checkpoint's
            ("tokenizer", "backend"): ("rustbpe", "neox", "python")}
 _DEPTH_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
 

@@ -111,8 +111,9 @@ def checkpoint_tokenizer(meta: dict[str, Any], where: str) -> Any:
 
 
 SCALED_LRS = ("lr", "embedding_lr", "norm_lr", "muon_lr")  # the checkpoint's rates that <section>.lr_scale scales
-PHASE_TRAIN_KEYS = ("eval_every", "norm_lr", "trainable", "optimizer")  # a phase section's key, when set (> 0, non-empty),
-                                                            # sets train.<key> for that phase
+# A phase section's key that, when set (non-zero, non-empty), sets train.<key> for that phase; a section
+# without the key leaves train.<key> the checkpoint's.
+PHASE_TRAIN_KEYS = ("eval_every", "norm_lr", "trainable", "optimizer")
 
 
 def phase_config(meta: dict[str, Any], phase: str, *, config: str | Path | None = None,
