@@ -36,7 +36,7 @@ from nanoforge.config import preset_model  # noqa: E402
 from nanoforge.model import LLaMA, ModelConfig, gemm  # noqa: E402
 from nanoforge.train.mfu import cpu_peak_flops  # noqa: E402
 
-TARGET = 1.15  # ours / Hugging Face tokens per second
+TARGET = 1.2  # ours / Hugging Face tokens per second, both on torch's GEMM library (the eager step itself)
 ONEDNN = gemm.use_onednn()  # this machine's choice, as `nanoforge train` makes it
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "de"
 SHAPES = {
@@ -297,7 +297,8 @@ def main() -> None:
     verdicts = []
     for shape in args.shapes.split(","):
         r = bench(shape, args.steps, args.warmup, args.compile)
-        verdicts.append(f"{shape} {r['ratio']:.2f}× ({'met' if r['ratio'] >= TARGET else 'NOT met'})")
+        same = r["torch_gemm_ratio"] or r["ratio"]  # ours on torch's GEMM library against HF
+        verdicts.append(f"{shape} {same:.2f}× ({'met' if same >= TARGET else 'NOT met'})")
         print(f"| {shape} | {r['params'] / 1e6:.2f}M | {r['batch']}×{r['seq']} | {r['tps']['ours']:,.0f} | "
               f"{r['tps']['hf']:,.0f} | **{r['ratio']:.2f}×** ({r['best_ratio']:.2f}×) | {r['rss']['ours']:,.0f} / {r['rss']['hf']:,.0f} | "
               f"{r['act_mb']['ours']:,.0f} / {r['act_mb']['hf']:,.0f} | {r['loss_first']:.3f} → "
@@ -311,7 +312,8 @@ def main() -> None:
                   f"→ {r['loss_last']['compiled']:.4f} | | {100 * r['mfu']['compiled']:.1f}% |", flush=True)
     print(f"\nCPU fp32 matmul peak (2048² matmul, the faster of torch and oneDNN, measured): "
           f"{r['peak_gflops']:,.0f} GFLOP/s")
-    print(f"target: ours ≥ {TARGET}× Hugging Face's tokens/s (eager, median step): {'; '.join(verdicts)}")
+    print(f"target: ours ≥ {TARGET}× Hugging Face's tokens/s on the same GEMM library (eager, median step): "
+          f"{'; '.join(verdicts)}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ def nanoforge_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     home = tmp_path_factory.mktemp("nanoforge_home")
     monkeypatch.setenv("NANOFORGE_HOME", str(home))
     monkeypatch.setenv("NANOFORGE_CPU_GEMM", cpu_gemm)
+    # `train.dtype = auto` trains in fp32 here whatever the CPU: the tests compare with fp32 oracles (HF, TRL,
+    # hand-computed gradients); tests/test_cpu_bf16.py unsets this to test the measured choice.
+    monkeypatch.setenv("NANOFORGE_CPU_BF16", "fp32")
     # This process decides anew too: a decision an earlier test fixed (set_onednn, as torchrun ranks do)
     # must not make an in-process run differ from its subprocesses in the last bits.
     gemm.reset()

@@ -14,10 +14,17 @@ from safetensors.torch import load_file
 
 from nanoforge import home
 from nanoforge.config import load_config
+from nanoforge.errors import UserError
 from nanoforge.model import gemm
 from nanoforge.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` as a user has it: the measurement decides (the other tests pin fp32)."""
+    monkeypatch.delenv(gemm.BF16_ENV, raising=False)
 
 TEXT = ["Die Katze sitzt auf der Matte und schaut aus dem Fenster in den Garten.",
         "Heute regnet es in Berlin, morgen scheint vielleicht wieder die Sonne.",
@@ -85,5 +92,17 @@ def test_the_bf16_measurement_is_made_once_and_cached(monkeypatch: pytest.Monkey
     cached = home.read_cache("cpu_bf16")[gemm.machine_key()]
     assert cached["bf16"] == first and cached["fp32_gflops"] > 0 and cached["bf16_gflops"] > 0
     assert first == (cached["bf16_gflops"] >= gemm.BF16_MIN_SPEEDUP * cached["fp32_gflops"] * 0.999)
-    monkeypatch.setattr(gemm, "_fastest", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(gemm, "fastest", lambda *a, **k: pytest.fail("measured again"))
     assert gemm.bf16_faster() == first
+
+
+def test_the_environment_overrides_the_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
+    _set_bf16_measurement(False)
+    monkeypatch.setenv(gemm.BF16_ENV, "bf16")
+    assert gemm.bf16_faster()
+    _set_bf16_measurement(True)
+    monkeypatch.setenv(gemm.BF16_ENV, "fp32")
+    assert not gemm.bf16_faster()
+    monkeypatch.setenv(gemm.BF16_ENV, "fast")
+    with pytest.raises(UserError, match="NANOFORGE_CPU_BF16='fast': expected auto, bf16 or fp32"):
+        gemm.bf16_faster()

@@ -11,7 +11,7 @@ from nanoforge import checkpoint as ckpt
 from nanoforge.cli import main
 from nanoforge.config import load_config
 from nanoforge.errors import UserError
-from nanoforge.model import LLaMA, ModelConfig
+from nanoforge.model import LLaMA, ModelConfig, gemm
 from nanoforge.train.optim import MuonAdamW, build_optimizer, lr_multiplier, zeropower_via_newtonschulz5
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=64, vocab_size=50,
@@ -162,10 +162,21 @@ def test_cpu_peak_flops_cache_keeps_the_highest_measurement(nanoforge_home, monk
     assert list(json.loads(cache.read_text()).values()) == [first]
     assert cpu_peak_flops(size=256, seconds=0.05) == first  # once per process
     mfu._measured.clear()
-    monkeypatch.setattr(mfu, "_measure_matmul", lambda size, seconds: first / 2)  # a busy machine
+    monkeypatch.setattr(mfu, "_measure_matmul", lambda size, seconds, bf16: first / 2)  # a busy machine
     assert cpu_peak_flops() == first
     assert list(json.loads(cache.read_text()).values()) == [first]
     mfu._measured.clear()
-    monkeypatch.setattr(mfu, "_measure_matmul", lambda size, seconds: first * 2)  # a quiet one
+    monkeypatch.setattr(mfu, "_measure_matmul", lambda size, seconds, bf16: first * 2)  # a quiet one
     assert cpu_peak_flops() == first * 2
     assert list(json.loads(cache.read_text()).values()) == [first * 2]
+
+
+def test_cpu_peak_flops_under_bf16_autocast_is_the_bf16_products_peak(nanoforge_home) -> None:
+    """A run under CPU bf16 autocast is measured against what bf16 products reach, kept apart from fp32's."""
+    from nanoforge.train import mfu
+
+    mfu._measured.clear()
+    fp32 = mfu.peak_flops("cpu")
+    bf16 = mfu.peak_flops("cpu", torch.bfloat16)
+    known = json.loads((nanoforge_home / "cache" / "cpu_peak_flops.json").read_text())
+    assert known == {gemm.machine_key(): fp32, gemm.machine_key() + "|bf16": bf16} and bf16 > 1e8 and bf16 != fp32

@@ -316,7 +316,7 @@ class _Trainer:
         self.flops_per_token = mc.flops_per_token(tc.seq_len)
         from nanoforge.train.mfu import peak_flops
 
-        self.peak = peak_flops(self.device)
+        self.peak = peak_flops(self.device, self.autocast)
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             home.atomic_write_text(self.run_dir / "config.toml", self.cfg.to_toml())
