@@ -106,3 +106,11 @@ def test_the_environment_overrides_the_measurement(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv(gemm.BF16_ENV, "fast")
     with pytest.raises(UserError, match="NANOFORGE_CPU_BF16='fast': expected auto, bf16 or fp32"):
         gemm.bf16_faster()
+
+
+def test_a_cached_measurement_is_judged_by_the_current_threshold() -> None:
+    """A cache written when the threshold was 2× (its "bf16": false) is decided again from its numbers."""
+    home.write_cache("cpu_bf16", {gemm.machine_key(): {"bf16": False, "fp32_gflops": 210.0, "bf16_gflops": 396.0}})
+    assert gemm.bf16_faster()  # 1.89×
+    home.write_cache("cpu_bf16", {gemm.machine_key(): {"bf16": True, "fp32_gflops": 210.0, "bf16_gflops": 250.0}})
+    assert not gemm.bf16_faster()

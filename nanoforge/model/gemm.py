@@ -168,8 +168,12 @@ def bf16_faster(threads: int | None = None) -> bool:
         return env == "bf16"
     key = machine_key(threads)
     known = home.read_cache("cpu_bf16")
-    if isinstance(known.get(key), dict) and "bf16" in known[key]:
-        return bool(known[key]["bf16"])
+    entry = known.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("fp32_gflops"), (int, float)) \
+            and isinstance(entry.get("bf16_gflops"), (int, float)):  # decided by today's threshold
+        return entry["bf16_gflops"] >= BF16_MIN_SPEEDUP * entry["fp32_gflops"]
+    if isinstance(entry, dict) and "bf16" in entry:
+        return bool(entry["bf16"])
     a, b = torch.randn(MEASURE_SIZE, MEASURE_SIZE), torch.randn(MEASURE_SIZE, MEASURE_SIZE)
     a16, b16 = a.bfloat16(), b.bfloat16()
     fns = {"fp32": lambda: a @ b.T, "bf16": lambda: a16 @ b16.T}
