@@ -279,3 +279,22 @@ def test_model_options_decode_in_batches_as_recomputed(options: dict) -> None:
     prompts = [[1, 5, 9, 200], [7, 8], [3, 4, 5, 6, 7, 8, 9]]
     out = Engine(model, None).generate(prompts, SamplingParams(max_tokens=8, stop_token_ids=()))
     assert [c.ids for c in out] == [_greedy_recompute(model, p, 8) for p in prompts]
+
+
+@pytest.mark.slow
+def test_the_compiled_decode_step_gives_the_eager_tokens() -> None:
+    """`compile=True` (`nanoforge chat --compile`, meant for CUDA) runs the model's forward under torch.compile
+    with dynamic shapes: on the CPU too it must give the tokens of the uncompiled model."""
+    from nanoforge.model import LLaMA, ModelConfig
+
+    torch.manual_seed(0)
+    model = LLaMA(ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
+                              vocab_size=300, max_seq_len=128))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    prompts = [[1, 5, 9, 200], [7, 8], [3, 4, 5, 6, 7, 8, 9]]
+    params = SamplingParams(max_tokens=8, stop_token_ids=())
+    compiled = Engine(model, None, compile=True)
+    assert compiled._decode_step is None  # the compiled model's path, not the eager decode step
+    assert [c.ids for c in compiled.generate(prompts, params)] == [_greedy_recompute(model, p, 8) for p in prompts]
