@@ -404,3 +404,27 @@ def test_report_html_opens_with_results_and_folds_the_configuration(tmp_path) ->
     assert "a = 1 &lt;b&gt;" in html and html.count("</details>") == 1
     # only our own fixed lines pass through as HTML: anything else is escaped
     assert "&lt;details onclick" in markdown_to_html('<details onclick="x()">', tmp_path)
+
+
+def test_rl_under_cpu_bf16_autocast_records_it_and_keeps_fp32_weights(sft_checkpoint, monkeypatch) -> None:
+    """RL on the one loop where `auto` picks bf16 autocast on a CPU (forced here): the checkpoint says so, the
+    weights stay fp32, and they move differently from an fp32 run's."""
+    import json
+
+    import nanoforge.train.rl as rl
+    from nanoforge import home
+    from nanoforge.checkpoint import checkpoint_steps
+
+    _, sft = sft_checkpoint
+    _vary_reward(monkeypatch)
+    data, val = _arithmetic(12, 0), _arithmetic(4, 1)
+    for choice in ("bf16", "fp32"):
+        monkeypatch.setenv("NANOFORGE_CPU_BF16", choice)
+        out = rl.train_rl(sft, data, val=val, tag=f"dtype-{choice}", overrides=FAST_RL)
+        assert out["step"] == 4 and 0 <= out["pass@1"] <= 1
+    folder = home.checkpoint_dir("rl", "dtype-bf16")
+    meta = json.loads((folder / f"meta_{checkpoint_steps(folder)[-1]:06d}.json").read_text())
+    assert meta["autocast"] == "bfloat16"
+    bf16, fp32 = _weights("dtype-bf16"), _weights("dtype-fp32")
+    assert all(t.dtype == torch.float32 for t in bf16.values())
+    assert any(not torch.equal(bf16[k], fp32[k]) for k in bf16)

@@ -352,3 +352,20 @@ def test_sft_optimizer_replaces_the_checkpoints_for_the_phase(chat) -> None:
     assert isinstance(build_optimizer(LLaMA(cfg.model), phase_config(muon, "sft").train), MuonAdamW)
     with pytest.raises(UserError, match=r'sft.optimizer must be one of "", adamw, muon, got \'sgd\''):
         phase_config(meta, "sft", overrides=["sft.optimizer=sgd"])
+
+
+def test_sft_under_cpu_bf16_autocast_records_it_and_learns_like_fp32(chat, monkeypatch) -> None:
+    """Where `train.dtype = auto` picks bf16 autocast on a CPU (the measurement forced here), SFT says so in
+    its checkpoint, keeps fp32 weights and reaches the fp32 run's held-out loss within a few percent."""
+    runs = {}
+    for choice in ("bf16", "fp32"):
+        monkeypatch.setenv("NANOFORGE_CPU_BF16", choice)
+        runs[choice] = train_sft(chat["base"], chat["train"], val=chat["val"], tag=f"dtype-{choice}",
+                                 overrides=["train.sample_every=1000"])
+    bf16, fp32 = runs["bf16"], runs["fp32"]
+    folder = Path(bf16["checkpoint"])
+    meta = json.loads(folder.with_name(f"meta_{bf16['step']:06d}.json").read_text())
+    assert meta["autocast"] == "bfloat16"
+    assert all(t.dtype == torch.float32 for t in load_file(str(folder)).values())
+    assert bf16["val_loss"] < bf16["base_val_loss"] - 0.5
+    assert bf16["val_loss"] == pytest.approx(fp32["val_loss"], rel=0.05) and bf16["val_loss"] != fp32["val_loss"]
