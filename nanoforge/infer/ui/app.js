@@ -239,6 +239,18 @@ function renderMessages() {
   box.scrollTop = box.scrollHeight;
 }
 
+// The context sizes arrive with the model list, after the first render: only the stats lines change then,
+// so a message the user has started to edit is not rebuilt under them.
+function refreshStats() {
+  const c = conv();
+  if (!c) return;
+  $$("#messages .msg").forEach((wrap, i) => {
+    const st = wrap.querySelector(".stats");
+    const m = c.messages[i];
+    if (st && m) st.textContent = statsText(m.stats, m.model || c.model);
+  });
+}
+
 function messageEl(c, m, i) {
   const wrap = document.createElement("div");
   wrap.className = "msg " + m.role;
@@ -497,7 +509,7 @@ function init() {
   $("#tok-input").addEventListener("input", () => { clearTimeout(tokTimer); tokTimer = setTimeout(tokenizeAll, 150); });
   $$(".tok-name").forEach((s) => { s.onchange = tokenizeAll; });
   renderAll();
-  loadModels().then(renderAll);
+  loadModels().then(refreshStats);
 }
 
 init();
