@@ -33,7 +33,7 @@ TEXT = ["Die Katze sitzt auf der Matte und schaut aus dem Fenster in den Garten.
 
 
 def _set_bf16_measurement(faster: bool) -> None:
-    home.write_cache("cpu_bf16", {gemm.machine_key(): {"bf16": faster}})
+    home.write_cache("cpu_bf16", {gemm.machine_key(): {"fp32_gflops": 100.0, "bf16_gflops": 300.0 if faster else 20.0}})
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_the_bf16_measurement_is_made_once_and_cached(monkeypatch: pytest.Monkey
     first = gemm.bf16_faster()
     cached = home.read_cache("cpu_bf16")[gemm.machine_key()]
     assert cached["bf16"] == first and cached["fp32_gflops"] > 0 and cached["bf16_gflops"] > 0
-    assert first == (cached["bf16_gflops"] >= gemm.BF16_MIN_SPEEDUP * cached["fp32_gflops"] * 0.999)
+    assert first == cached["bf16"] == (cached["bf16_gflops"] >= gemm.BF16_MIN_SPEEDUP * cached["fp32_gflops"])
     monkeypatch.setattr(gemm, "fastest", lambda *a, **k: pytest.fail("measured again"))
     assert gemm.bf16_faster() == first
 
@@ -108,9 +108,14 @@ def test_the_environment_overrides_the_measurement(monkeypatch: pytest.MonkeyPat
         gemm.bf16_faster()
 
 
-def test_a_cached_measurement_is_judged_by_the_current_threshold() -> None:
-    """A cache written when the threshold was 2× (its "bf16": false) is decided again from its numbers."""
+def test_a_cached_measurement_is_judged_by_the_current_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache written when the threshold was 2× (its "bf16": false) is decided again from its numbers; an
+    entry without them is measured anew."""
     home.write_cache("cpu_bf16", {gemm.machine_key(): {"bf16": False, "fp32_gflops": 210.0, "bf16_gflops": 396.0}})
     assert gemm.bf16_faster()  # 1.89×
     home.write_cache("cpu_bf16", {gemm.machine_key(): {"bf16": True, "fp32_gflops": 210.0, "bf16_gflops": 250.0}})
     assert not gemm.bf16_faster()
+    home.write_cache("cpu_bf16", {gemm.machine_key(): {"bf16": True}})
+    monkeypatch.setattr(gemm, "fastest", lambda fns, *a: {name: 1.0 for name in fns})  # bf16 no faster
+    assert not gemm.bf16_faster()
+    assert home.read_cache("cpu_bf16")[gemm.machine_key()]["bf16"] is False

@@ -169,23 +169,26 @@ def bf16_faster(threads: int | None = None) -> bool:
     key = machine_key(threads)
     known = home.read_cache("cpu_bf16")
     entry = known.get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("fp32_gflops"), (int, float)) \
-            and isinstance(entry.get("bf16_gflops"), (int, float)):  # decided by today's threshold
-        return entry["bf16_gflops"] >= BF16_MIN_SPEEDUP * entry["fp32_gflops"]
-    if isinstance(entry, dict) and "bf16" in entry:
-        return bool(entry["bf16"])
-    a, b = torch.randn(MEASURE_SIZE, MEASURE_SIZE), torch.randn(MEASURE_SIZE, MEASURE_SIZE)
-    a16, b16 = a.bfloat16(), b.bfloat16()
-    fns = {"fp32": lambda: a @ b.T, "bf16": lambda: a16 @ b16.T}
-    if onednn_available():
-        fns["onednn"] = lambda: _onednn_nt(a, b)
-    best = fastest(fns)
-    t32 = min(best["fp32"], best.get("onednn", float("inf")))
-    flops = 2 * MEASURE_SIZE ** 3
-    known[key] = {"bf16": best["bf16"] * BF16_MIN_SPEEDUP <= t32, "fp32_gflops": round(flops / t32 / 1e9, 1),
-                  "bf16_gflops": round(flops / best["bf16"] / 1e9, 1)}
-    home.write_cache("cpu_bf16", known)
-    return known[key]["bf16"]
+    if not (isinstance(entry, dict) and all(isinstance(entry.get(k), (int, float)) and entry[k] > 0
+                                            for k in ("fp32_gflops", "bf16_gflops"))):
+        a, b = torch.randn(MEASURE_SIZE, MEASURE_SIZE), torch.randn(MEASURE_SIZE, MEASURE_SIZE)
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        fns = {"fp32": lambda: a @ b.T, "bf16": lambda: a16 @ b16.T}
+        if onednn_available():
+            fns["onednn"] = lambda: _onednn_nt(a, b)
+        best = fastest(fns)
+        flops = 2 * MEASURE_SIZE ** 3
+        entry = known[key] = {"fp32_gflops": round(flops / min(best["fp32"], best.get("onednn", float("inf"))) / 1e9, 1),
+                              "bf16_gflops": round(flops / best["bf16"] / 1e9, 1)}
+        entry["bf16"] = _bf16_verdict(entry)  # for a reader of the file; the numbers decide
+        home.write_cache("cpu_bf16", known)
+    return _bf16_verdict(entry)
+
+
+def _bf16_verdict(entry: dict[str, Any]) -> bool:
+    """Decided from the measured numbers with today's threshold, so a cache written under another one is judged
+    anew."""
+    return entry["bf16_gflops"] >= BF16_MIN_SPEEDUP * entry["fp32_gflops"]
 
 
 def fastest(fns: dict[str, Any], seconds: float = 0.2) -> dict[str, float]:
