@@ -92,7 +92,7 @@ def test_the_bf16_measurement_is_made_once_and_cached(monkeypatch: pytest.Monkey
     cached = home.read_cache("cpu_bf16")[gemm.machine_key()]
     assert cached["bf16"] == first and cached["fp32_gflops"] > 0 and cached["bf16_gflops"] > 0
     assert first == cached["bf16"] == (cached["bf16_gflops"] >= gemm.BF16_MIN_SPEEDUP * cached["fp32_gflops"])
-    monkeypatch.setattr(gemm, "fastest", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(gemm, "_fastest", lambda *a, **k: pytest.fail("measured again"))
     assert gemm.bf16_faster() == first
 
 
@@ -116,6 +116,6 @@ def test_a_cached_measurement_is_judged_by_the_current_threshold(monkeypatch: py
     home.write_cache("cpu_bf16", {gemm.machine_key(): {"bf16": True, "fp32_gflops": 210.0, "bf16_gflops": 250.0}})
     assert not gemm.bf16_faster()
     home.write_cache("cpu_bf16", {gemm.machine_key(): {"bf16": True}})
-    monkeypatch.setattr(gemm, "fastest", lambda fns, *a: {name: 1.0 for name in fns})  # bf16 no faster
+    monkeypatch.setattr(gemm, "_fastest", lambda fns, *a: {name: 1.0 for name in fns})  # bf16 no faster
     assert not gemm.bf16_faster()
     assert home.read_cache("cpu_bf16")[gemm.machine_key()]["bf16"] is False

@@ -104,10 +104,16 @@ def reset() -> None:
     _choice.clear()
 
 
+def _env(name: str, choices: tuple[str, str]) -> str:
+    """auto or one of the two `choices` that the environment variable `name` names; anything else is refused."""
+    value = os.environ.get(name, "auto").strip().lower()
+    if value not in ("auto", *choices):
+        raise UserError(f"{name}={value!r}: expected auto, {choices[0]} or {choices[1]}")
+    return value
+
+
 def _decide(threads: int) -> bool:
-    env = os.environ.get(ENV, "auto").strip().lower()
-    if env not in ("auto", "onednn", "torch"):
-        raise UserError(f"{ENV}={env!r}: expected auto, onednn or torch")
+    env = _env(ENV, ("onednn", "torch"))
     if not onednn_available():
         return False
     if env != "auto":
@@ -148,22 +154,25 @@ def _cached_choice(key: str) -> bool:
 
 
 def measure(size: int = MEASURE_SIZE, seconds: float = 0.2) -> tuple[float, float]:
-    """Fastest time of a size³ fp32 product with torch (a @ b.T) and with oneDNN (inf without it), in
-    alternating bursts so that other load on the machine hits both alike and can only slow some bursts."""
+    """Fastest time of a size³ fp32 product with torch (a @ b.T) and with oneDNN (inf without it)."""
+    t = product_times(("torch", "onednn"), size, seconds)
+    return t["torch"], t.get("onednn", float("inf"))
+
+
+def product_times(kinds: tuple[str, ...], size: int = MEASURE_SIZE, seconds: float = 0.2) -> dict[str, float]:
+    """Fastest time of a size³ product (a @ b.T) of each kind: `torch` (fp32), `onednn` (fp32, left out where
+    oneDNN is missing), `bf16` (torch); in alternating bursts so that other load on the machine hits all
+    alike and can only slow some bursts."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    fns = {"torch": lambda: a @ b.T}
-    if onednn_available():
-        fns["onednn"] = lambda: _onednn_nt(a, b)
-    best = fastest(fns, seconds)
-    return best["torch"], best.get("onednn", float("inf"))
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    products = {"torch": lambda: a @ b.T, "onednn": lambda: _onednn_nt(a, b), "bf16": lambda: a16 @ b16.T}
+    return _fastest({k: products[k] for k in kinds if k != "onednn" or onednn_available()}, seconds)
 
 
 def bf16_faster(threads: int | None = None) -> bool:
     """Whether bf16 matrix products are at least BF16_MIN_SPEEDUP× faster than fp32 ones on this CPU (measured
     once per CPU, thread count and torch version; see the module doc), or what NANOFORGE_CPU_BF16 says."""
-    env = os.environ.get(BF16_ENV, "auto").strip().lower()
-    if env not in ("auto", "bf16", "fp32"):
-        raise UserError(f"{BF16_ENV}={env!r}: expected auto, bf16 or fp32")
+    env = _env(BF16_ENV, ("bf16", "fp32"))
     if env != "auto":
         return env == "bf16"
     key = machine_key(threads)
@@ -171,15 +180,10 @@ def bf16_faster(threads: int | None = None) -> bool:
     entry = known.get(key)
     if not (isinstance(entry, dict) and all(isinstance(entry.get(k), (int, float)) and entry[k] > 0
                                             for k in ("fp32_gflops", "bf16_gflops"))):
-        a, b = torch.randn(MEASURE_SIZE, MEASURE_SIZE), torch.randn(MEASURE_SIZE, MEASURE_SIZE)
-        a16, b16 = a.bfloat16(), b.bfloat16()
-        fns = {"fp32": lambda: a @ b.T, "bf16": lambda: a16 @ b16.T}
-        if onednn_available():
-            fns["onednn"] = lambda: _onednn_nt(a, b)
-        best = fastest(fns)
+        t = product_times(("torch", "onednn", "bf16"))
+        t32 = min(t["torch"], t.get("onednn", float("inf")))  # against the faster fp32 library
         flops = 2 * MEASURE_SIZE ** 3
-        entry = known[key] = {"fp32_gflops": round(flops / min(best["fp32"], best.get("onednn", float("inf"))) / 1e9, 1),
-                              "bf16_gflops": round(flops / best["bf16"] / 1e9, 1)}
+        entry = known[key] = {"fp32_gflops": round(flops / t32 / 1e9, 1), "bf16_gflops": round(flops / t["bf16"] / 1e9, 1)}
         entry["bf16"] = _bf16_verdict(entry)  # for a reader of the file; the numbers decide
         home.write_cache("cpu_bf16", known)
     return _bf16_verdict(entry)
@@ -191,7 +195,7 @@ def _bf16_verdict(entry: dict[str, Any]) -> bool:
     return entry["bf16_gflops"] >= BF16_MIN_SPEEDUP * entry["fp32_gflops"]
 
 
-def fastest(fns: dict[str, Any], seconds: float = 0.2) -> dict[str, float]:
+def _fastest(fns: dict[str, Any], seconds: float = 0.2) -> dict[str, float]:
     """Fastest time of each function, run in alternating bursts for `seconds` (other load hits all alike)."""
     best = {name: float("inf") for name in fns}
     for f in fns.values():  # warm up

@@ -61,6 +61,5 @@ def _measure_matmul(size: int, seconds: float, bf16: bool = False) -> float:
     """The faster of torch's matmul and oneDNN's (see nanoforge.model.gemm): the machine's peak is what its
     best fp32 GEMM reaches, whichever library a model happens to call; for bf16, torch's bf16 matmul."""
     if bf16:
-        a, b = torch.randn(size, size).bfloat16(), torch.randn(size, size).bfloat16()
-        return 2 * size ** 3 / gemm.fastest({"bf16": lambda: a @ b.T}, seconds)["bf16"]
+        return 2 * size ** 3 / gemm.product_times(("bf16",), size, seconds)["bf16"]
     return 2 * size ** 3 / min(gemm.measure(size, seconds))
