@@ -170,6 +170,8 @@ def test_web_ui_in_chromium(browser, tmp_path: Path, nanoforge_home: Path):
         # --- edit a message (the reply after it is regenerated), then regenerate the last reply
         page.locator(".msg.user .edit").nth(1).click()
         page.fill(".edit-box", "show me again")
+        page.evaluate("renderAll()")  # what the model list arriving or a reply finishing does: the edit stays
+        assert page.locator(".edit-box").input_value() == "show me again"
         page.click(".save-edit")
         wait_idle()
         msgs = next(c for c in stored() if c["id"] == page.evaluate("JSON.parse(localStorage.getItem('nanoforge.current'))"))["messages"]

@@ -9,7 +9,7 @@ const store = {
   set: (k, v) => localStorage.setItem("nanoforge." + k, JSON.stringify(v)),
 };
 const S = { models: [], convs: store.get("conversations", []), current: store.get("current", null),
-  controllers: [], busy: false };
+  controllers: [], busy: false, editing: null };
 const SETTINGS = ["system", "temperature", "top_k", "top_p", "max_tokens", "seed", "api_key"];
 
 // ---- server calls --------------------------------------------------------------------------------
@@ -232,23 +232,20 @@ function renderSidebar() {
 
 function renderMessages() {
   const box = $("#messages");
+  // A message being edited stays open, with what was typed, through re-renders the user did not ask for
+  // (the model list arriving, a reply finishing); it closes when another conversation is shown.
+  const editing = S.editing;
+  S.editing = null;
   box.replaceChildren();
   const c = conv();
   if (!c) return;
-  c.messages.forEach((m, i) => box.appendChild(messageEl(c, m, i)));
-  box.scrollTop = box.scrollHeight;
-}
-
-// The context sizes arrive with the model list, after the first render: only the stats lines change then,
-// so a message the user has started to edit is not rebuilt under them.
-function refreshStats() {
-  const c = conv();
-  if (!c) return;
-  $$("#messages .msg").forEach((wrap, i) => {
-    const st = wrap.querySelector(".stats");
-    const m = c.messages[i];
-    if (st && m) st.textContent = statsText(m.stats, m.model || c.model);
+  c.messages.forEach((m, i) => {
+    const el = box.appendChild(messageEl(c, m, i));
+    if (editing?.id === c.id && editing.i === i && m.role === "user") {
+      editMessage(el, c, i, editing.box.value, document.activeElement === editing.box);
+    }
   });
+  box.scrollTop = box.scrollHeight;
 }
 
 function messageEl(c, m, i) {
@@ -275,14 +272,16 @@ function messageEl(c, m, i) {
   return wrap;
 }
 
-function editMessage(wrap, c, i) {
+function editMessage(wrap, c, i, text = c.messages[i].content, focus = true) {
   const box = document.createElement("textarea");
   box.className = "edit-box";
-  box.value = c.messages[i].content;
+  box.value = text;
+  S.editing = { id: c.id, i, box };
   const ok = document.createElement("button");
   ok.textContent = "Save & regenerate";
   ok.className = "save-edit";
   ok.onclick = () => {
+    S.editing = null;
     c.messages = c.messages.slice(0, i);
     c.messages.push({ role: "user", content: box.value });
     save();
@@ -290,7 +289,7 @@ function editMessage(wrap, c, i) {
     generate();
   };
   wrap.replaceChildren(box, ok);
-  box.focus();
+  if (focus) box.focus();
 }
 
 function params() {
@@ -509,7 +508,7 @@ function init() {
   $("#tok-input").addEventListener("input", () => { clearTimeout(tokTimer); tokTimer = setTimeout(tokenizeAll, 150); });
   $$(".tok-name").forEach((s) => { s.onchange = tokenizeAll; });
   renderAll();
-  loadModels().then(refreshStats);
+  loadModels().then(renderAll);
 }
 
 init();
