@@ -48,9 +48,9 @@ def tokens(tmp_path: Path) -> Path:
     return tokenize_corpus(tmp_path / "corpus", tok, out=tmp_path / "tokens", val_docs=8, workers=1)
 
 
-def _train(tokens: Path, tag: str, dtype: str, resume: bool = False) -> dict:
+def _train(tokens: Path, tag: str, dtype: str, resume: bool = False, optimizer: str = "adamw") -> dict:
     cfg = load_config(preset="ci", overrides=["train.max_steps=4", "train.save_every=2", "train.eval_every=0",
-                                              f"train.dtype={dtype}"])
+                                              f"train.dtype={dtype}", f"train.optimizer={optimizer}"])
     return train(cfg, tokens=str(tokens), tag=tag, resume=resume)
 
 
@@ -64,11 +64,28 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_auto_follows_the_measurement_keeps_fp32_masters_and_resume_keeps_the_choice(tokens: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_auto_follows_the_measurement_keeps_fp32_masters_and_resume_keeps_the_choice(
+        tokens: Path, optimizer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nanoforge.train import optim
+
+    ns_dtypes: list[torch.dtype] = []  # what Muon's Newton–Schulz computes in, run by run
+    newton_schulz = optim.zeropower_via_newtonschulz5
+
+    def spy(g: torch.Tensor, steps: int, bf16: bool | None) -> torch.Tensor:
+        ns_dtypes.append(torch.bfloat16 if bf16 else torch.float32)
+        return newton_schulz(g, steps, bf16)
+
+    monkeypatch.setattr(optim, "zeropower_via_newtonschulz5", spy)
+
+    def train_(tag: str, dtype: str, resume: bool = False) -> set[torch.dtype]:
+        ns_dtypes.clear()
+        _train(tokens, tag, dtype, resume, optimizer)
+        return set(ns_dtypes)
+
     _set_bf16_measurement(True)
-    _train(tokens, "auto-bf16", "auto")
-    _train(tokens, "bf16", "bfloat16")
-    _train(tokens, "fp32", "float32")
+    ns = [train_("auto-bf16", "auto"), train_("bf16", "bfloat16"), train_("fp32", "float32")]
+    assert ns == ([{torch.bfloat16}, {torch.bfloat16}, {torch.float32}] if optimizer == "muon" else [set()] * 3)
     w_auto, meta = _ckpt("auto-bf16", 4)
     assert meta["autocast"] == "bfloat16" and _ckpt("fp32", 4)[1]["autocast"] == "float32"
     assert _equal(w_auto, _ckpt("bf16", 4)[0]) and not _equal(w_auto, _ckpt("fp32", 4)[0])
@@ -78,13 +95,13 @@ def test_auto_follows_the_measurement_keeps_fp32_masters_and_resume_keeps_the_ch
     assert moments and all(t.dtype == torch.float32 for t in moments)
 
     _set_bf16_measurement(False)  # the machine now measures otherwise: a new run is fp32 ...
-    _train(tokens, "auto-fp32", "auto")
+    train_("auto-fp32", "auto")
     assert _equal(_ckpt("auto-fp32", 4)[0], _ckpt("fp32", 4)[0])
     folder = home.home() / "checkpoints" / "base" / "auto-bf16"
     for name in ("model_000004.safetensors", "meta_000004.json", "optim_000004.pt"):
         (folder / name).unlink()
-    _train(tokens, "auto-bf16", "auto", resume=True)  # ... but the resumed bf16 run stays bf16, bit for bit
-    assert _equal(_ckpt("auto-bf16", 4)[0], w_auto)
+    resumed = train_("auto-bf16", "auto", resume=True)  # ... but the resumed bf16 run stays bf16, bit for bit
+    assert _equal(_ckpt("auto-bf16", 4)[0], w_auto) and resumed == ns[0]
 
 
 def test_the_bf16_measurement_is_made_once_and_cached(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,8 +36,14 @@ def test_schedules_warm_up_then_decay_to_min() -> None:
 def test_newton_schulz_orthogonalises() -> None:
     torch.manual_seed(0)
     for shape in ((64, 32), (32, 64)):
-        s = torch.linalg.svdvals(zeropower_via_newtonschulz5(torch.randn(*shape)))
-        assert s.min() > 0.5 and s.max() < 1.3
+        g = torch.randn(*shape)
+        fp32, bf16 = zeropower_via_newtonschulz5(g), zeropower_via_newtonschulz5(g, bf16=True)
+        for x in (fp32, bf16):
+            s = torch.linalg.svdvals(x)
+            assert x.dtype == torch.float32 and s.min() > 0.5 and s.max() < 1.3
+        # bf16 arithmetic (a run under bf16 autocast), not fp32 rounded at the end: a few percent apart
+        assert 1e-3 < ((bf16 - fp32).norm() / fp32.norm()).item() < 0.06
+        assert not torch.equal(bf16, fp32.bfloat16().float())
 
 
 def test_muon_groups_take_block_matrices_and_adamw_the_rest() -> None:

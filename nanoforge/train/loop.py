@@ -302,8 +302,8 @@ class _Trainer:
                 gemm.use_onednn()  # decided before tracing: the compiled graph keeps the choice
             model = torch.compile(model)
         self.model = model
-        self.optimizer = build_optimizer(model, tc, self.device.type)
         self.autocast = _autocast_dtype(tc.dtype, self.device, resume_meta, info)
+        self.optimizer = build_optimizer(model, tc, self.device.type, bf16=self.autocast == torch.bfloat16)
 
         self.loader = self.data.loader(self.cfg, info, self.device)
         start_step = 0
