@@ -7,7 +7,7 @@ vendor. It is the same IEEE fp32 arithmetic (no bf16 or tf32 shortcuts); only th
 differs, so results differ from MKL's in the last bits.
 
 Which library to use is measured once per CPU, thread count and torch version (a 1024-cubed product each
-way) and kept in $NANOFORGE_HOME/cache/cpu_gemm.json, so every later run on the machine, a resumed
+way, after a warm-up) and kept in $NANOFORGE_HOME/cache/cpu_gemm.json, so every later run on the machine, a resumed
 run included, does the same arithmetic. oneDNN is chosen only when it is at least 1.25× faster.
 NANOFORGE_CPU_GEMM=onednn|torch overrides the measurement (read at each decision: a process that changes it
 gets the library it names from then on).
@@ -195,11 +195,22 @@ def _bf16_verdict(entry: dict[str, Any]) -> bool:
     return entry["bf16_gflops"] >= BF16_MIN_SPEEDUP * entry["fp32_gflops"]
 
 
-def _fastest(fns: dict[str, Any], seconds: float = 0.2) -> dict[str, float]:
-    """Fastest time of each function, run in alternating bursts for `seconds` (other load hits all alike)."""
+WARMUP_SECONDS = 0.3
+
+
+def _fastest(fns: dict[str, Any], seconds: float = 0.2, warmup: float = WARMUP_SECONDS) -> dict[str, float]:
+    """Fastest time of each function, run in alternating bursts for `seconds` (other load hits all alike)
+    after `warmup` seconds of the same untimed. One warm-up call is not enough: in a fresh process MKL's
+    first ~0.3 s of 1024³ products ran at 146–175 GFLOP/s against 187–199 later on a Zen 4, while oneDNN's
+    were at full speed at once, so a measurement right at start-up found oneDNN up to 1.46× faster where it
+    is 1.10–1.14×."""
     best = {name: float("inf") for name in fns}
-    for f in fns.values():  # warm up
-        f()
+    end = time.perf_counter() + warmup
+    while True:
+        for f in fns.values():
+            f()
+        if time.perf_counter() >= end:
+            break
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or any(t == float("inf") for t in best.values()):
         for name, f in fns.items():
