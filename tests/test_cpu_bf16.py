@@ -72,7 +72,7 @@ def test_auto_follows_the_measurement_keeps_fp32_masters_and_resume_keeps_the_ch
     ns_dtypes: list[torch.dtype] = []  # what Muon's Newton–Schulz computes in, run by run
     newton_schulz = optim.zeropower_via_newtonschulz5
 
-    def spy(g: torch.Tensor, steps: int, bf16: bool | None) -> torch.Tensor:
+    def spy(g: torch.Tensor, steps: int, bf16: bool) -> torch.Tensor:
         ns_dtypes.append(torch.bfloat16 if bf16 else torch.float32)
         return newton_schulz(g, steps, bf16)
 

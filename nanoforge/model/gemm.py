@@ -203,7 +203,7 @@ def _fastest(fns: dict[str, Any], seconds: float = 0.2, warmup: float = WARMUP_S
     after `warmup` seconds of the same untimed. One warm-up call is not enough: in a fresh process MKL's
     first ~0.3 s of 1024³ products ran at 146–175 GFLOP/s against 187–199 later on a Zen 4, while oneDNN's
     were at full speed at once, so a measurement right at start-up found oneDNN up to 1.46× faster where it
-    is 1.10–1.14×."""
+    is 1.10–1.16×."""
     best = {name: float("inf") for name in fns}
     end = time.perf_counter() + warmup
     while True:

@@ -45,12 +45,12 @@ def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:
     return optimizer.param_groups[0]["lr"]
 
 
-def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, bf16: bool | None = None) -> torch.Tensor:
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, bf16: bool = False) -> torch.Tensor:
     """An approximately orthogonal matrix with G's singular vectors (Keller Jordan's quintic iteration;
-    coefficients chosen to push singular values towards 1 fast, not exactly). Computed in bf16 when `bf16`
-    (None: on GPUs), else in fp32; the result has G's dtype."""
+    coefficients chosen to push singular values towards 1 fast, not exactly). Computed in bf16 on GPUs and
+    where `bf16` says so (a run under CPU bf16 autocast), else in fp32; the result has G's dtype."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16() if (G.is_cuda if bf16 is None else bf16) else G.float()
+    X = G.bfloat16() if bf16 or G.is_cuda else G.float()
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
@@ -97,7 +97,7 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - group["momentum"])
             g = p.grad.lerp(buf, group["momentum"])  # Nesterov
-            update = _orthogonalise(g, group["ns_steps"], self.ns_bf16 or g.is_cuda)
+            update = _orthogonalise(g, group["ns_steps"], self.ns_bf16)
             if group["weight_decay"]:
                 p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(update, alpha=-group["lr"] * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
